@@ -1,0 +1,178 @@
+"""`cxr-edge` command line. Heavy modules are imported inside commands to keep start-up fast."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+log = logging.getLogger("cxr_edge")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # plain lines for journald, CI logs and pipes
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cxr-edge")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def main(verbose: int, quiet: bool) -> None:
+    """cxr-edge: chest X-ray findings (14 NIH ChestX-ray14 findings + No Finding) as JSON and DICOM SR."""
+    _setup_logging(verbose, quiet)
+
+
+def _fail_usage(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Model package folder (default: the bundled demo model).")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Inference backend.")
+@click.option("--precision", default="fp32", show_default=True, help="Artifact precision to run.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256), help="Max batch size.")
+@click.option("--max-delay-ms", default=20.0, show_default=True, type=click.FloatRange(0),
+              help="Longest an input waits for its batch to fill.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads (default: CPU cores).")
+@click.option("--no-sr", is_flag=True, help="Do not write DICOM SR for DICOM inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable run summary on stdout.")
+def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, no_sr, as_json):
+    """Find chest X-ray findings in INPUTS (files or folders, recursive).
+
+    Writes OUT/<input path>.json for every input (an error record if it failed), a DICOM SR
+    OUT/<input path>.sr.dcm for every DICOM input, and OUT/summary.jsonl for the run.
+    Exit status: 0 all inputs succeeded, 1 some failed, 2 usage or configuration error.
+    """
+    from .backends import create_backend
+    from .errors import CxrEdgeError
+    from .manifest import ModelPackage
+    from .pipeline import DecodePool, Pipeline, default_workers, quiet_dicom_warnings
+    from .sources import discover
+
+    quiet_dicom_warnings()
+
+    out = Path(out_dir)
+    try:
+        items, skipped = discover(list(inputs))
+        if not items:
+            _fail_usage("no input files found (looked for DICOM, PNG and JPEG files)")
+        package = ModelPackage.load(model_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    except CxrEdgeError as exc:
+        _fail_usage(str(exc))
+    except OSError as exc:
+        _fail_usage(f"cannot create output folder {out}: {exc.strerror}")
+    for path in skipped:
+        log.debug("skipped (not an image by its name): %s", path)
+
+    workers = workers or default_workers()
+    # The decode processes are forked before the backend starts its threads.
+    pool = DecodePool(workers, package.preprocess_params)
+    try:
+        try:
+            runner = create_backend(package, backend, precision, threads=threads)
+            runner.__enter__()
+        except CxrEdgeError as exc:
+            _fail_usage(str(exc))
+        log.info("model %s %s on %s (%s), %d inputs, %d decode workers",
+                 package.name, package.version, backend, precision, len(items), workers)
+        pipeline = Pipeline(package, runner, out, workers=workers, max_batch=batch_size,
+                            max_delay_ms=max_delay_ms, write_sr=not no_sr)
+        started = time.perf_counter()
+        results = _run_with_progress(pipeline, items, pool)
+        elapsed = time.perf_counter() - started
+        runner.__exit__(None, None, None)
+    finally:
+        pool.close()
+
+    from .outputs import atomic_write_bytes
+    from .records import summary_line
+
+    results.sort(key=lambda r: r.item.relative.as_posix())  # completion order varies run to run
+    lines = [summary_line(r.record, r.outputs) for r in results]
+    summary_path = out / "summary.jsonl"
+    atomic_write_bytes(summary_path, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    failed = [r for r in results if r.status != "ok"]
+    summary = {
+        "inputs": len(results),
+        "succeeded": len(results) - len(failed),
+        "failed": len(failed),
+        "skipped": len(skipped),
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(len(results) / elapsed, 2) if elapsed > 0 else None,
+        "summary_file": str(summary_path),
+        "model": pipeline.model_info,
+        "backend": pipeline.backend_info,
+        "results": lines,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary, results)
+    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+
+
+def _run_with_progress(pipeline, items, pool):
+    if not sys.stderr.isatty():
+        step = max(1, len(items) // 10)
+        done = []
+
+        def on_result(result):
+            done.append(result)
+            if len(done) % step == 0 or len(done) == len(items):
+                log.info("processed %d/%d", len(done), len(items))
+
+        return pipeline.run(items, on_result=on_result, pool=pool)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("infer", total=len(items))
+        return pipeline.run(items, on_result=lambda _: progress.advance(task), pool=pool)
+
+
+def _print_summary(summary: dict, results) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    table = Table(title="cxr-edge infer", show_header=False)
+    for key in ("inputs", "succeeded", "failed", "skipped", "seconds", "images_per_second"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    positives = Counter(label for r in results if r.status == "ok" for label in r.record["positive_findings"])
+    if positives:
+        table.add_row("positive findings", ", ".join(f"{k} {v}" for k, v in positives.most_common()))
+    table.add_row("summary file", summary["summary_file"])
+    console.print(table)
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        errors = Table(title="failed inputs")
+        for column in ("input", "stage", "reason"):
+            errors.add_column(column, overflow="fold")
+        for r in failed:
+            errors.add_row(r.item.relative.as_posix(), r.error["stage"], r.error["reason"])
+        console.print(errors)

@@ -1,0 +1,304 @@
+"""The one pipeline behind `infer`, `watch` and `bench`.
+
+Source -> Decode + Preprocess (worker processes) -> Batcher -> Backend -> Findings -> Sinks.
+Decoding overlaps with inference; a bad input becomes an error record at the stage where it
+failed and never stops the run or loses its neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .sources import InputItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """What a worker hands back: the model input, or the error that stopped it."""
+
+    item: InputItem
+    tensor: np.ndarray | None = None
+    format: str | None = None
+    info: dict = field(default_factory=dict)
+    dicom_header: object | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    timings_ms: dict = field(default_factory=dict)
+    error: dict | None = None  # {"stage", "reason"}
+
+
+@dataclass
+class Result:
+    item: InputItem
+    status: str  # "ok" | "error"
+    record: dict
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def error(self) -> dict | None:
+        return self.record.get("error")
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def prepare(item: InputItem, params, max_pixels: int) -> Prepared:
+    """Runs in a worker process: hash, decode, preprocess one input."""
+    from .decode import decode_file
+    from .preprocess import preprocess
+
+    prepared = Prepared(item)
+    try:
+        prepared.sha256, prepared.size_bytes = _file_sha256(item.path)
+        t0 = time.perf_counter()
+        decoded = decode_file(item.path, max_pixels=max_pixels)
+        t1 = time.perf_counter()
+        prepared.tensor = preprocess(decoded.pixels, params)
+        t2 = time.perf_counter()
+    except InputError as exc:
+        prepared.error = {"stage": exc.stage, "reason": exc.reason}
+        return prepared
+    except OSError as exc:
+        prepared.error = {"stage": "read", "reason": f"cannot read file: {exc.strerror or exc}"}
+        return prepared
+    except MemoryError:
+        prepared.error = {"stage": "decode", "reason": "out of memory while decoding"}
+        return prepared
+    except Exception as exc:  # a decoder bug must not take the run down
+        prepared.error = {"stage": "decode", "reason": f"unexpected {type(exc).__name__}: {exc}"}
+        return prepared
+    prepared.format, prepared.info, prepared.dicom_header = decoded.format, decoded.info, decoded.dicom_header
+    prepared.timings_ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+    return prepared
+
+
+def quiet_dicom_warnings() -> None:
+    """pydicom/highdicom warnings may quote header values (names, ages): keep them out of logs."""
+    for module in ("pydicom", "highdicom"):
+        warnings.filterwarnings("ignore", module=module)
+        logging.getLogger(module).setLevel(logging.ERROR)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the process pool
+    quiet_dicom_warnings()
+
+
+class DecodePool:
+    """Worker processes that decode in parallel; survives a worker that crashes.
+
+    When a worker dies (a decoder segfault, the OOM killer) every in-flight input fails with it.
+    Those inputs are retried one at a time, so the input that kills a worker again is named and
+    its neighbours still get processed.
+    """
+
+    def __init__(self, workers: int, params, max_pixels: int | None = None):
+        from .decode import DEFAULT_MAX_PIXELS
+
+        self.workers, self.params, self.max_pixels = workers, params, max_pixels or DEFAULT_MAX_PIXELS
+        # fork before any backend threads exist is safe and fast; fall back where unavailable
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self._context = multiprocessing.get_context(method)
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=_init_worker)
+
+    def submit(self, item: InputItem) -> Future:
+        return self._executor.submit(prepare, item, self.params, self.max_pixels)
+
+    def restart(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def prepared(self, items: list[InputItem], window: int, tick: float | None = None):
+        """Yield Prepared for every item as it completes, keeping `window` in flight.
+
+        With `tick`, also yields None when nothing completed for `tick` seconds, so the caller
+        can flush a partly filled batch (the batcher's max queue delay).
+        """
+        queue = list(reversed(items))
+        suspects: list[InputItem] = []  # in flight when a worker died: retried one at a time
+        running: dict[Future, InputItem] = {}
+        while queue or suspects or running:
+            limit = 1 if suspects or any(f.suspect for f in running) else window
+            while len(running) < limit and (suspects or queue):
+                from_suspects = bool(suspects)
+                item = suspects.pop() if from_suspects else queue.pop()
+                future = self.submit(item)
+                future.suspect = from_suspects
+                running[future] = item
+            done, _ = wait(running, timeout=tick, return_when=FIRST_COMPLETED)
+            if not done:
+                yield None
+                continue
+            broken = False
+            for future in done:
+                item = running.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    broken = True
+                    if future.suspect:
+                        yield Prepared(item, error={"stage": "decode", "reason": "the decoder process crashed on this file"})
+                    else:
+                        suspects.append(item)
+            if broken:
+                log.warning("a decode worker died; retrying %d in-flight input(s) one at a time", len(running) + len(suspects))
+                for future, item in running.items():
+                    suspects.append(item)
+                running.clear()
+                self.restart()
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class Pipeline:
+    """Decode pool + dynamic batcher + backend + sinks (JSON, DICOM SR).
+
+    A batch runs when it is full (`max_batch`), when its oldest input has waited `max_delay_ms`,
+    or when nothing else is coming, as in Triton's dynamic batcher.
+    """
+
+    def __init__(self, package, backend, out_dir: Path, *, workers: int | None = None, max_batch: int = 8,
+                 max_delay_ms: float = 20.0, write_sr: bool = True):
+        self.package, self.backend, self.out_dir = package, backend, Path(out_dir)
+        self.workers = workers or default_workers()
+        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
+        self.write_sr = write_sr
+        self.labels, self.thresholds, self.temperatures = package.labels, package.thresholds, package.temperatures
+        self.model_info = {
+            "name": package.name,
+            "version": package.version,
+            "sha256": backend.artifact_sha256,
+            "architecture": package.manifest.get("architecture", {}).get("timm_name"),
+            "preprocessing": f"{package.manifest['preprocessing']['contract']}/v{package.manifest['preprocessing']['version']}",
+        }
+        self.backend_info = backend.describe()
+
+    def run(self, items: list[InputItem], on_result=None, pool: DecodePool | None = None) -> list[Result]:
+        """Process every item; `on_result(result)` is called as each one finishes."""
+        results = []
+
+        def emit(result: Result) -> None:
+            results.append(result)
+            if on_result:
+                on_result(result)
+
+        own_pool = pool is None
+        pool = pool or DecodePool(self.workers, self.package.preprocess_params)
+        ready: list[tuple[Prepared, float]] = []
+        try:
+            for prepared in pool.prepared(items, window=2 * self.workers + self.max_batch, tick=self.max_delay):
+                if prepared is not None:
+                    if prepared.error:
+                        emit(self._error(prepared, **prepared.error))
+                    else:
+                        ready.append((prepared, time.perf_counter()))
+                while len(ready) >= self.max_batch or (ready and time.perf_counter() - ready[0][1] >= self.max_delay):
+                    batch, ready = ready[: self.max_batch], ready[self.max_batch :]
+                    for result in self._run_batch(batch):
+                        emit(result)
+            while ready:
+                batch, ready = ready[: self.max_batch], ready[self.max_batch :]
+                for result in self._run_batch(batch):
+                    emit(result)
+        finally:
+            if own_pool:
+                pool.close()
+        return results
+
+    # --- stages ---------------------------------------------------------------------------------
+    def _run_batch(self, batch: list[tuple[Prepared, float]]) -> list[Result]:
+        from .findings import calibrated_probabilities, findings_for_row
+
+        started = time.perf_counter()
+        try:
+            logits = self.backend.infer(np.stack([p.tensor for p, _ in batch]))
+        except Exception as exc:  # the backend failing is reported per input, not fatal to the run
+            log.error("inference failed for a batch of %d: %s", len(batch), exc)
+            return [self._error(p, "inference", f"{type(exc).__name__}: {exc}") for p, _ in batch]
+        inference_ms = (time.perf_counter() - started) * 1e3
+        probabilities = calibrated_probabilities(logits, self.temperatures)
+        results = []
+        for (prepared, arrived), row in zip(batch, probabilities):
+            timings = dict(prepared.timings_ms)
+            timings["queue"] = (started - arrived) * 1e3
+            timings["inference_batch"] = inference_ms
+            timings["batch_size"] = len(batch)
+            findings = findings_for_row(self.labels, row, self.thresholds)
+            results.append(self._write(prepared, findings, timings))
+        return results
+
+    def _write(self, prepared: Prepared, findings, timings: dict) -> Result:
+        from .outputs import atomic_write_bytes, atomic_write_json, dicom_bytes, output_stem
+        from .records import findings_record
+
+        started = time.perf_counter()
+        stem = self.out_dir / output_stem(prepared.item.relative)
+        json_path = stem.with_name(stem.name + ".json")
+        record = findings_record(prepared, findings, self.model_info, self.backend_info, timings)
+        outputs = {"json": str(json_path)}
+        try:
+            if self.write_sr and prepared.dicom_header is not None:
+                from .sr import ModelIdentity, build_sr
+
+                sr_path = stem.with_name(stem.name + ".sr.dcm")
+                identity = ModelIdentity(self.model_info["name"], self.model_info["version"], self.model_info["sha256"])
+                sr = build_sr(prepared.dicom_header, findings, identity)
+                atomic_write_bytes(sr_path, dicom_bytes(sr))
+                outputs["sr"] = str(sr_path)
+                record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": str(sr.SOPInstanceUID),
+                                           "series_instance_uid": str(sr.SeriesInstanceUID)}
+            record["timings_ms"]["write"] = round((time.perf_counter() - started) * 1e3, 3)
+            atomic_write_json(json_path, record)
+        except Exception as exc:  # disk full, read-only, an SR highdicom refuses: report, go on
+            stage = "write" if isinstance(exc, OSError) else "sr"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            for path in outputs.values():  # no half set of outputs: all or nothing
+                Path(path).unlink(missing_ok=True)
+            return self._error(prepared, stage, f"cannot write outputs: {reason}")
+        return Result(prepared.item, "ok", record, outputs)
+
+    def _error(self, prepared: Prepared, stage: str, reason: str) -> Result:
+        from .outputs import atomic_write_json, output_stem
+        from .records import error_record
+
+        record = error_record(prepared, stage, reason, self.model_info, self.backend_info)
+        log.warning("%s: %s failed: %s", prepared.item.relative.as_posix(), stage, reason)
+        outputs = {}
+        stem = self.out_dir / output_stem(prepared.item.relative)
+        json_path = stem.with_name(stem.name + ".json")
+        try:
+            atomic_write_json(json_path, record)
+            outputs["json"] = str(json_path)
+        except OSError as exc:
+            log.error("%s: cannot write error record: %s", json_path, exc.strerror or exc)
+        return Result(prepared.item, "error", record, outputs)

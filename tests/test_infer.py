@@ -1,0 +1,161 @@
+"""End-to-end `cxr-edge infer`: real files in, JSON + DICOM SR out, exit codes scripts can trust."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr_edge.labels import FINDINGS, LABELS
+from cxr_edge.outputs import SCHEMA, SCHEMA_VERSION
+from cxr_edge.sr import read_sr_findings
+
+from .conftest import SAMPLES, need_tool, shared
+
+
+def run_cli(*args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge", *args], capture_output=True, text=True, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr[-3000:]
+    return proc
+
+
+def load_records(out: Path) -> dict[str, dict]:
+    return {p.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob("*.json")}
+
+
+def assert_valid_record(record: dict) -> None:
+    assert record["schema"] == SCHEMA and record["schema_version"] == SCHEMA_VERSION
+    assert record["status"] == "ok"
+    assert [f["label"] for f in record["findings"]] == list(FINDINGS)
+    for f in record["findings"] + [record["no_finding"]]:
+        assert 0.0 <= f["probability"] <= 1.0
+        assert f["positive"] == (f["probability"] >= f["threshold"])
+    assert record["positive_findings"] == [f["label"] for f in record["findings"] if f["positive"]]
+    assert len(record["input"]["sha256"]) == 64
+    assert len(record["model"]["sha256"]) == 64 and record["model"]["name"]
+    assert record["backend"]["name"] == "onnxruntime" and record["backend"]["precision"] == "fp32"
+    for stage in ("decode", "preprocess", "queue", "inference_batch", "write"):
+        assert record["timings_ms"][stage] >= 0
+
+
+def test_samples_with_bundled_model(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("infer", str(SAMPLES), "--out", str(out), "--json", check_rc=0)
+    summary = json.loads(proc.stdout)
+    n_images = len(list(SAMPLES.rglob("*.png"))) + len(list(SAMPLES.rglob("*.dcm")))
+    assert summary["inputs"] == n_images and summary["failed"] == 0
+    records = load_records(out)
+    assert len(records) == n_images
+    for name, record in records.items():
+        assert_valid_record(record)
+        is_dicom = name.endswith(".dcm.json")
+        assert (record["dicom"] is not None) == is_dicom
+        if is_dicom:
+            sr_path = Path(record["outputs"]["sr"]["path"])
+            assert sr_path.is_file() and sr_path.name.endswith(".sr.dcm")
+    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert sorted(line["input"] for line in lines) == [line["input"] for line in lines]
+    assert {line["status"] for line in lines} == {"ok"}
+    assert not list(out.rglob("*.part")), "temp files left behind"
+
+
+def test_mixed_folder_reports_each_bad_file(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(SAMPLES / "nih" / "00001873_000.png", inbox / "good.png")
+    shutil.copy(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm", inbox / "good.dcm")
+    shutil.copy(get_testdata_file("CT_small.dcm"), inbox / "ct_slice.dcm")
+    data = (SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm").read_bytes()
+    (inbox / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    (inbox / "notes.dcm").write_text("this is a text file, not DICOM\n" * 20)
+    shutil.copy(get_testdata_file("DICOMDIR"), inbox / "DICOMDIR")
+    (inbox / "empty.png").write_bytes(b"")
+    (inbox / "README.txt").write_text("not an image name: skipped, not an error")
+
+    out = tmp_path / "out"
+    proc = run_cli("infer", str(inbox), "--out", str(out), "--json", check_rc=1)
+    summary = json.loads(proc.stdout)
+    assert (summary["inputs"], summary["succeeded"], summary["failed"], summary["skipped"]) == (7, 2, 5, 1)
+    errors = {line["input"]: line["error"] for line in summary["results"] if line["status"] == "error"}
+    expected = {
+        "inbox/ct_slice.dcm": ("decode", "modality CT is not a projection radiograph"),
+        "inbox/truncated.dcm": ("decode", "truncated DICOM file"),
+        "inbox/notes.dcm": ("decode", "not a DICOM file"),
+        "inbox/DICOMDIR": ("decode", "DICOMDIR"),
+        "inbox/empty.png": ("decode", "empty file"),
+    }
+    assert set(errors) == set(expected)
+    for name, (stage, phrase) in expected.items():
+        assert errors[name]["stage"] == stage
+        assert phrase in errors[name]["reason"], errors[name]
+        assert errors[name]["file"].endswith(name.split("/")[-1])
+        record = json.loads((out / (name + ".json")).read_text())
+        assert record["status"] == "error" and record["error"] == errors[name]
+    for good in ("inbox/good.png.json", "inbox/good.dcm.json"):
+        assert_valid_record(json.loads((out / good).read_text()))
+    assert (out / "inbox" / "good.dcm.sr.dcm").is_file()
+    assert len(list(out.rglob("*.sr.dcm"))) == 1
+    assert "PatientName" not in proc.stderr and "16d7f894" not in proc.stderr  # no patient data in logs
+
+
+def test_usage_errors_exit_2(tmp_path):
+    proc = run_cli("infer", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "input not found" in proc.stderr
+    proc = run_cli("infer", str(SAMPLES), "--out", str(tmp_path / "out"), "--model", str(tmp_path))
+    assert proc.returncode == 2 and "manifest.json" in proc.stderr
+    proc = run_cli("infer", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+
+
+def test_tampered_model_is_refused(tmp_path):
+    from cxr_edge.manifest import DEFAULT_PACKAGE
+
+    package = tmp_path / "pkg"
+    shutil.copytree(DEFAULT_PACKAGE, package)
+    manifest = json.loads((package / "manifest.json").read_text())
+    model = package / manifest["artifacts"]["fp32"]["file"]
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    proc = run_cli("infer", str(SAMPLES / "nih"), "--out", str(tmp_path / "out"), "--model", str(package))
+    assert proc.returncode == 2
+    assert "does not match the manifest" in proc.stderr
+    assert not (tmp_path / "out" / "nih").exists()
+
+
+@pytest.mark.slow
+def test_shared_data_end_to_end_with_valid_srs(tmp_path):
+    nih, dicom = shared("nih"), shared("dicom")
+    dciodvfy, dsrdump = need_tool("dciodvfy"), need_tool("dsrdump")
+    out = tmp_path / "out"
+    run_cli("infer", str(nih), str(dicom), "--out", str(out), check_rc=0)
+    records = load_records(out)
+    n_png, n_dcm = len(list(nih.rglob("*.png"))), len(list(dicom.glob("*.dcm")))
+    assert len(records) == n_png + n_dcm
+    srs = sorted(out.rglob("*.sr.dcm"))
+    assert len(srs) == n_dcm
+    for sr_path in srs:
+        record = json.loads(sr_path.with_name(sr_path.name.replace(".sr.dcm", ".json")).read_text())
+        assert_valid_record(record)
+        verify = subprocess.run([dciodvfy, str(sr_path)], capture_output=True, text=True)
+        errors = [line for line in (verify.stdout + verify.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], f"{sr_path.name}: {errors}"
+        dump = subprocess.run([dsrdump, str(sr_path)], capture_output=True, text=True)
+        assert dump.returncode == 0 and "Error" not in dump.stderr and "Warning" not in dump.stderr, dump.stderr
+        sr = pydicom.dcmread(sr_path)
+        source = pydicom.dcmread(record["input"]["path"], stop_before_pixels=True)
+        assert sr.StudyInstanceUID == source.StudyInstanceUID
+        assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+        assert sr.VerificationFlag == "UNVERIFIED"
+        found = read_sr_findings(sr)
+        assert set(found) == set(LABELS)
+        expected = {f["label"]: f for f in record["findings"] + [record["no_finding"]]}
+        for label, (probability, present) in found.items():
+            assert probability == pytest.approx(expected[label]["probability"], abs=1e-6)
+            assert present == expected[label]["positive"]

@@ -1,0 +1,114 @@
+"""Export a trained run to an ONNX model package, with parity against torch checked."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_edge.findings import calibrated_probabilities
+from cxr_edge.labels import LABELS
+from cxr_edge.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, ModelPackage, sha256_file
+from cxr_edge.preprocess import PreprocessParams
+
+from .data import load_tensors, patient_split, read_nih_csv
+from .model import create_model
+
+log = logging.getLogger(__name__)
+PARITY_TOLERANCE = 1e-4
+OPSET = 17  # LayerNormalization is one node from opset 17 (TensorRT keeps it in FP32 cleanly)
+
+
+def load_run_model(run_dir: Path):
+    cfg = json.loads((run_dir / "config.json").read_text())
+    params = PreprocessParams.from_manifest(cfg["preprocessing"])
+    model = create_model(cfg["arch"], len(LABELS), params.channels, params.size)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return model.eval(), cfg, params
+
+
+def parity_tensors(cfg: dict, params: PreprocessParams, count: int) -> np.ndarray:
+    """Real held-out images: the first `count` of the run's test split."""
+    records = []
+    for spec in cfg["data"]:
+        csv_path, _, image_dir = spec.partition(":")
+        records += read_nih_csv(csv_path, image_dir or None)
+    test = patient_split(records, seed=cfg["split_seed"])["test"][:count]
+    return load_tensors(test, params)[0]
+
+
+def export_onnx(model, params: PreprocessParams, path: Path) -> None:
+    dummy = torch.zeros(2, params.channels, params.size, params.size)
+    torch.onnx.export(
+        model, dummy, str(path), input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+    )
+
+
+def check_parity(model, onnx_path: Path, x: np.ndarray, temperatures: np.ndarray) -> dict:
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ort_logits = session.run(None, {"image": x})[0]
+    delta = np.abs(calibrated_probabilities(torch_logits, temperatures) - calibrated_probabilities(ort_logits, temperatures))
+    return {"images": int(len(x)), "max_abs_dprob": float(delta.max()), "max_abs_dlogit": float(np.abs(torch_logits - ort_logits).max()),
+            "tolerance": PARITY_TOLERANCE}
+
+
+def export_package(run_dir: str | Path, out: str | Path, name: str, version: str, description: str,
+                   parity_images: int = 16, extra: dict | None = None) -> ModelPackage:
+    run_dir, out = Path(run_dir), Path(out)
+    model, cfg, params = load_run_model(run_dir)
+    calibration = json.loads((run_dir / "calibration.json").read_text())
+    temperatures = np.asarray(calibration["temperatures"])
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    export_onnx(model, params, staging / "model.onnx")
+    parity = check_parity(model, staging / "model.onnx", parity_tensors(cfg, params, parity_images), temperatures)
+    log.info("parity torch vs ONNX Runtime: %s", parity)
+    if parity["max_abs_dprob"] > PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX export drifts from torch: max |dprob| {parity['max_abs_dprob']:.2e} > {PARITY_TOLERANCE}")
+    history = json.loads((run_dir / "history.json").read_text())
+    n_params = sum(p.numel() for p in model.parameters())
+    init = cfg.get("init")
+    manifest = {
+        "format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
+        "name": name, "version": version, "description": description,
+        "labels": list(LABELS),
+        "architecture": {"timm_name": cfg["arch"], "img_size": params.size, "in_chans": params.channels,
+                         "num_classes": len(LABELS), "parameters": n_params},
+        "preprocessing": params.to_manifest(),
+        "calibration": {"method": "temperature", "temperatures": calibration["temperatures"],
+                        "fitted_on": f"validation split ({calibration['validation']['n']} images)",
+                        **{k: calibration["validation"][k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}},
+        "thresholds": {"policy": calibration["threshold_policy"], "values": calibration["thresholds"],
+                       "chosen_on": "validation split"},
+        "metrics": {"test": calibration["test"], "best_val_mean_auroc": history["best_val_mean_auroc"]},
+        "artifacts": {},
+        "provenance": {
+            "training_data": cfg["data"], "split": "patient-wise 70/15/15, seed %d" % cfg["split_seed"],
+            "initial_weights": ({"file": Path(init).name, "sha256": sha256_file(init)} if init else None),
+            "training": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")},
+            "history": history["epochs"],
+            "torch": torch.__version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **(extra or {}),
+        },
+        "export": {"opset": OPSET, "parity_vs_torch": parity},
+    }
+    package = ModelPackage(staging, manifest)
+    package.add_artifact("fp32", "model.onnx", format="onnx", precision="fp32", input="image", output="logits")
+    package.save()
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return ModelPackage.load(out)

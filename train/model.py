@@ -1,0 +1,64 @@
+"""timm models by name, with initial weights from a local file (no hub at run time)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """safetensors, or a torch checkpoint loaded with weights_only=True (never unpickle code)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def adapt_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fit a backbone checkpoint to this model: input channels, position embeddings, head."""
+    from timm.layers import resample_abs_pos_embed
+    from timm.models import adapt_input_conv
+
+    target = model.state_dict()
+    out = {}
+    for key, value in state.items():
+        if key not in target:
+            continue
+        want = target[key]
+        if value.ndim == 4 and value.shape[1] != want.shape[1] and value.shape[0] == want.shape[0]:
+            value = adapt_input_conv(want.shape[1], value)  # e.g. RGB -> 1-channel: sum the kernel
+        if key == "pos_embed" and value.shape != want.shape:
+            prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+            value = resample_abs_pos_embed(value, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+        if value.shape != want.shape:
+            log.info("initial weights: skipping %s (shape %s, model wants %s)", key, tuple(value.shape), tuple(want.shape))
+            continue
+        out[key] = value
+    return out
+
+
+def create_model(arch: str, num_classes: int, in_chans: int, img_size: int, init: str | Path | None = None):
+    import timm
+
+    kwargs = {"img_size": img_size} if "vit" in arch or "deit" in arch else {}
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if init:
+        state = adapt_to_model(load_state_dict_file(init), model)
+        result = model.load_state_dict(state, strict=False)
+        log.info("initial weights from %s: %d tensors loaded, missing %s", init, len(state), result.missing_keys)
+        head_only = all(k.startswith(("head", "fc", "classifier")) for k in result.missing_keys)
+        if not head_only:
+            raise ValueError(f"{init}: does not fit {arch}; missing {result.missing_keys[:8]}")
+    return model
