@@ -139,8 +139,13 @@ def _check_dicom_is_radiograph(ds, max_pixels: int) -> None:
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         raise DecodeError("DICOMDIR (a media directory), not an image")
     if "PixelData" not in ds:
+        meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "")) if hasattr(ds, "file_meta") else ""
         name = UID(sop_class).name if sop_class else "unknown SOP class"
-        if "Rows" in ds or "Image Storage" in name:  # an image whose pixels never arrived
+        # An image whose pixels never arrived: image attributes, an image SOP class in the
+        # header or the file meta, or a SOP Class UID cut off mid-value.
+        cut_short = bool(sop_class) and not UID(sop_class).is_valid
+        if "Rows" in ds or cut_short or any("Image Storage" in UID(c).name for c in (sop_class, meta_class) if c):
+            name = UID(meta_class).name if meta_class and (cut_short or not sop_class) else name
             raise DecodeError(f"truncated or incomplete DICOM: a {name} without its pixel data")
         raise DecodeError(f"no pixel data: a {name} object, not an image")
     modality = str(ds.get("Modality", "")).upper()
@@ -179,7 +184,8 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
         return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     if function == "LINEAR_EXACT":
         return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    width = max(width, 1.0)
+    if width <= 1.0:  # width 1 is a threshold (C.11.2.1.2.1): x <= c - 0.5 is black
+        return (values > center - 0.5).astype(np.float32)
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
@@ -189,16 +195,34 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
 
 
+def _apply_voi_lut_sequence(values: np.ndarray, ds) -> np.ndarray:
+    """The first VOI LUT (PS3.3 C.11.2.1.1) straight to [0, 1].
+
+    Indexed here rather than with pydicom's apply_voi_lut, whose index array takes the LUT's
+    dtype: with 8-bit entries over 12-bit input, inputs above 255 would wrap around.
+    """
+    item = ds.VOILUTSequence[0]
+    n_entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+    n_entries = n_entries or 65536
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):  # VR OW: raw 16-bit words
+        little = ds.file_meta._tsyntax_encoding[1] if hasattr(ds, "file_meta") else True
+        lut = np.frombuffer(bytes(data), dtype="<u2" if little is not False else ">u2")[:n_entries]
+    else:  # VR US: a list of ints (or one int for a 1-entry LUT)
+        lut = np.atleast_1d(np.asarray(data, dtype=np.float64))[:n_entries]
+    if lut.size == 0:
+        raise DecodeError("VOI LUT Sequence has no LUT data")
+    index = np.clip(np.rint(values) - first_mapped, 0, lut.size - 1).astype(np.int64)
+    return lut.astype(np.float32)[index] / float(2**bits - 1)
+
+
 def dicom_to_unit_range(raw: np.ndarray, ds) -> tuple[np.ndarray, str]:
     """Modality LUT -> VOI LUT or window (or stored bit range) -> MONOCHROME1 inversion."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut
 
     values = apply_modality_lut(raw, ds).astype(np.float32, copy=False)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        item = ds.VOILUTSequence[0]
-        lut_bits = int(item.LUTDescriptor[2])
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
-        pixels, voi = out / float(2**lut_bits - 1), "lut"
+        pixels, voi = _apply_voi_lut_sequence(values, ds), "lut"
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         pixels = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)

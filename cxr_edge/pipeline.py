@@ -265,7 +265,7 @@ class Pipeline:
         stem = self.out_dir / output_stem(prepared.item.relative)
         json_path = stem.with_name(stem.name + ".json")
         record = findings_record(prepared, findings, self.model_info, self.backend_info, timings)
-        outputs = {"json": str(json_path)}
+        outputs = {}
         try:
             if self.write_sr and prepared.dicom_header is not None:
                 from .sr import ModelIdentity, build_sr
@@ -278,14 +278,16 @@ class Pipeline:
                 record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": str(sr.SOPInstanceUID),
                                            "series_instance_uid": str(sr.SeriesInstanceUID)}
             record["timings_ms"]["write"] = round((time.perf_counter() - started) * 1e3, 3)
+            # The JSON goes last: its presence marks a complete set of outputs.
             atomic_write_json(json_path, record)
+            outputs["json"] = str(json_path)
         except Exception as exc:  # disk full, read-only, an SR highdicom refuses: report, go on
             stage = "write" if isinstance(exc, OSError) else "sr"
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
             for path in outputs.values():  # no half set of outputs: all or nothing
                 Path(path).unlink(missing_ok=True)
             return self._error(prepared, stage, f"cannot write outputs: {reason}")
-        return Result(prepared.item, "ok", record, outputs)
+        return Result(prepared.item, "ok", record, {"json": outputs.pop("json"), **outputs})
 
     def _error(self, prepared: Prepared, stage: str, reason: str) -> Result:
         from .outputs import atomic_write_json, output_stem

@@ -1,0 +1,103 @@
+"""The pipeline: dynamic batching, error isolation, a crashing decoder process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+import cxr_edge.pipeline as pipeline_module
+from cxr_edge.backends import create_backend
+from cxr_edge.manifest import ModelPackage
+from cxr_edge.pipeline import DecodePool, Pipeline
+from cxr_edge.sources import discover
+
+from .conftest import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def package():
+    return ModelPackage.load()
+
+
+def make_inbox(tmp_path, copies: int):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    pngs = sorted((SAMPLES / "nih").glob("*.png"))
+    for i in range(copies):
+        shutil.copy(pngs[i % len(pngs)], inbox / f"img{i:03d}.png")
+    return inbox
+
+
+def run_pipeline(package, inbox, out, **options):
+    items, _ = discover([inbox])
+    with create_backend(package, threads=1) as backend:
+        return Pipeline(package, backend, out, workers=2, **options).run(items)
+
+
+def test_batches_fill_up_to_max_batch(package, tmp_path):
+    results = run_pipeline(package, make_inbox(tmp_path, 13), tmp_path / "out", max_batch=4, max_delay_ms=2000)
+    sizes = [r.record["timings_ms"]["batch_size"] for r in results]
+    assert len(results) == 13 and all(r.status == "ok" for r in results)
+    assert max(sizes) == 4 and sizes.count(4) >= 8  # a long max delay lets batches fill
+
+
+def test_identical_inputs_give_identical_findings_whatever_the_batch(package, tmp_path):
+    inbox = make_inbox(tmp_path, 6)
+    one = run_pipeline(package, inbox, tmp_path / "a", max_batch=1)
+    many = run_pipeline(package, inbox, tmp_path / "b", max_batch=6, max_delay_ms=2000)
+    by_name = lambda results: {r.item.relative: r.record["findings"] for r in results}  # noqa: E731
+    a, b = by_name(one), by_name(many)
+    for name in a:
+        for fa, fb in zip(a[name], b[name]):
+            assert fa["probability"] == pytest.approx(fb["probability"], abs=1e-5)
+
+
+_real_prepare = pipeline_module.prepare
+
+
+def crashing_prepare(item, params, max_pixels):
+    if item.path.name == "crash.png":
+        os._exit(1)  # what a segfaulting decoder looks like to the pool
+    return _real_prepare(item, params, max_pixels)
+
+
+def test_crashing_decoder_is_isolated(package, tmp_path, monkeypatch):
+    """A worker that dies (segfault, OOM kill) costs only the input that killed it."""
+    inbox = make_inbox(tmp_path, 8)
+    shutil.copy(SAMPLES / "nih" / "00001873_000.png", inbox / "crash.png")
+    # The pool forks its workers, so they run the patched function.
+    monkeypatch.setattr(pipeline_module, "prepare", crashing_prepare)
+    results = run_pipeline(package, inbox, tmp_path / "out")
+    status = {r.item.path.name: r.status for r in results}
+    assert len(status) == 9
+    assert status.pop("crash.png") == "error"
+    assert set(status.values()) == {"ok"}
+    crashed = json.loads((tmp_path / "out" / "inbox" / "crash.png.json").read_text())
+    assert crashed["error"]["reason"] == "the decoder process crashed on this file"
+
+
+def test_unwritable_output_is_an_error_record_not_a_crash(package, tmp_path):
+    inbox = make_inbox(tmp_path, 2)
+    out = tmp_path / "out"
+    (out / "inbox").mkdir(parents=True)
+    (out / "inbox" / "img000.png.json").mkdir()  # a folder where the JSON should go
+    results = run_pipeline(package, inbox, out)
+    status = {r.item.path.name: r for r in results}
+    assert status["img001.png"].status == "ok"
+    failed = status["img000.png"]
+    assert failed.status == "error" and failed.error["stage"] == "write"
+
+
+def test_decode_pool_prepares_every_item(package, tmp_path):
+    inbox = make_inbox(tmp_path, 3)
+    items, _ = discover([inbox])
+    pool = DecodePool(2, package.preprocess_params)
+    try:
+        prepared = [p for p in pool.prepared(items, window=4) if p is not None]
+        assert sorted(p.item.path.name for p in prepared) == ["img000.png", "img001.png", "img002.png"]
+        assert all(p.error is None and p.tensor.shape[0] == 1 for p in prepared)
+    finally:
+        pool.close()
