@@ -135,6 +135,97 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
 
 
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--labels", "labels_csv", required=True, type=click.Path(dir_okay=False),
+              help="The site's labels, NIH CSV format (Image Index, Finding Labels); rows matched by file name.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Deployed model package (default: the bundled demo model).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="New model package folder to write (must not exist).")
+@click.option("--policy", default="youden", show_default=True,
+              help="Threshold policy: youden | sensitivity:0.90 | specificity:0.90.")
+@click.option("--version", "new_version", default=None, help="Version of the new package (default: <old>+site.<date>).")
+@click.option("--precision", default="fp32", show_default=True, help="Artifact whose logits are calibrated.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256))
+@click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads (default: CPU cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the calibration report as JSON on stdout.")
+def calibrate(inputs, labels_csv, model_dir, out_dir, policy, new_version, precision, batch_size, workers, threads, as_json):
+    """Re-fit temperatures and thresholds on a site's own labeled images (no torch, nothing leaves the box).
+
+    Runs the deployed ONNX model on INPUTS, fits per-class temperatures (NLL) and thresholds by
+    POLICY, and writes a new package to OUT with the same artifacts and a new manifest version.
+    Exit status: 0 done, 1 done but some images failed to decode (left out, listed), 2 usage error.
+    """
+    import datetime
+
+    from .backends import create_backend
+    from .calibration import calibrated_manifest, fit_calibration, parse_policy
+    from .errors import CxrEdgeError
+    from .labeled import logits_for, match_labels
+    from .manifest import ModelPackage, write_package_copy
+    from .pipeline import quiet_dicom_warnings
+
+    quiet_dicom_warnings()
+    try:
+        parse_policy(policy)
+        package = ModelPackage.load(model_dir)
+        labeled = match_labels(list(inputs), labels_csv)
+        if Path(out_dir).exists():
+            _fail_usage(f"{out_dir}: already exists; choose a new folder for the new package")
+        with create_backend(package, "onnxruntime", precision, threads=threads) as runner:
+            log.info("calibrating %s %s (%s) on %d labeled images", package.name, package.version, precision, len(labeled.items))
+            logits, ok, failures = logits_for(labeled.items, package, runner, batch_size, workers)
+    except (CxrEdgeError, ValueError) as exc:
+        _fail_usage(str(exc))
+    for item, reason in failures:
+        log.error("%s: left out of calibration: %s", item.path, reason)
+    labels = labeled.labels[ok]
+    if len(labels) < 2:
+        _fail_usage("fewer than 2 images decoded; nothing to calibrate on")
+    fit = fit_calibration(labels, logits, policy)
+    today = datetime.date.today().strftime("%Y%m%d")
+    version = new_version or f"{package.version.split('+')[0]}+site.{today}"
+    fitted_on = f"site data: {len(labels)} labeled images ({Path(labels_csv).name}), {precision} logits"
+    manifest = calibrated_manifest(package.manifest, fit, fitted_on, version)
+    try:
+        new = write_package_copy(package, out_dir, manifest)
+    except (CxrEdgeError, OSError) as exc:
+        _fail_usage(f"cannot write {out_dir}: {exc}")
+    report = {"package": str(new.root), "version": new.version, "images": len(labels), "failed": len(failures),
+              "unlabeled_images_ignored": labeled.unlabeled, "policy": fit["threshold_policy"],
+              "temperatures": dict(zip(new.labels, fit["temperatures"])),
+              "thresholds": dict(zip(new.labels, fit["thresholds"])),
+              "temperature_fitted": fit["temperature_fitted"], "positives": fit["positives"],
+              "mean": fit["report"]["mean"]}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_calibration(report, fit)
+    sys.exit(EXIT_SOME_FAILED if failures else EXIT_OK)
+
+
+def _print_calibration(report: dict, fit: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cxr-edge calibrate -> {report['package']} ({report['version']}, {report['images']} images)")
+    for column in ("finding", "positives", "T", "threshold", "ECE before", "ECE after", "NLL before", "NLL after"):
+        table.add_column(column, justify="left" if column == "finding" else "right")
+    r = fit["report"]
+    for c, label in enumerate(report["temperatures"]):
+        fitted = report["temperature_fitted"][label]
+        table.add_row(label, str(report["positives"][label]), f"{report['temperatures'][label]:.3f}" + ("" if fitted else " (kept)"),
+                      f"{report['thresholds'][label]:.3f}", f"{r['ece_before'][c]:.3f}", f"{r['ece_after'][c]:.3f}",
+                      f"{r['nll_before'][c]:.3f}", f"{r['nll_after'][c]:.3f}")
+    m = report["mean"]
+    table.add_row("mean", "", "", "", f"{m['ece_before']:.3f}", f"{m['ece_after']:.3f}", f"{m['nll_before']:.3f}", f"{m['nll_after']:.3f}")
+    Console(stderr=True).print(table)
+    click.echo(f"wrote {report['package']} (version {report['version']}); (kept) = fewer than 5 positives "
+               "or negatives, T left at 1", err=True)
+
+
 def _run_with_progress(pipeline, items, pool):
     if not sys.stderr.isatty():
         step = max(1, len(items) // 10)

@@ -145,3 +145,29 @@ class ModelPackage:
         tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
         tmp.replace(path)
         return path
+
+
+def write_package_copy(source: ModelPackage, target: str | Path, manifest: dict) -> ModelPackage:
+    """A new package at `target`: `source`'s artifacts (sha256-verified) under a new manifest.
+
+    Built in a sibling staging folder and renamed into place, so `target` is complete or absent.
+    """
+    import shutil
+
+    target = Path(target)
+    if target.exists():
+        raise ModelPackageError(f"{target}: already exists; choose a new folder for the new package")
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for key, entry in manifest["artifacts"].items():
+            data = source.read_verified(key)
+            (staging / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+            (staging / entry["file"]).write_bytes(data)
+        ModelPackage(staging, manifest).save()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ModelPackage.load(target)

@@ -66,19 +66,78 @@ def fit_temperatures(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """Threshold maximising sensitivity + specificity - 1; 0.5 when a class is absent."""
+    return threshold_for_policy(labels, probabilities, "youden")
+
+
+def threshold_for_policy(labels: np.ndarray, probabilities: np.ndarray, policy: str, target: float | None = None) -> float:
+    """The decision threshold a named policy picks on labeled probabilities.
+
+    youden: max sensitivity + specificity - 1; sensitivity: the highest threshold whose
+    sensitivity is >= target; specificity: the lowest threshold whose specificity is >= target.
+    0.5 when a class has no positives or no negatives (nothing to choose from).
+    """
     y = np.asarray(labels).astype(bool)
     p = np.asarray(probabilities, dtype=np.float64)
     if y.all() or (~y).all():
         return 0.5
-    candidates = np.unique(p)
-    best_t, best_j = 0.5, -1.0
-    for t in candidates:
-        predicted = p >= t
-        sens = (predicted & y).sum() / y.sum()
-        spec = (~predicted & ~y).sum() / (~y).sum()
-        if sens + spec - 1.0 > best_j:
-            best_t, best_j = float(t), sens + spec - 1.0
-    return best_t
+    candidates = np.unique(p)  # ascending
+    predicted = p[None, :] >= candidates[:, None]
+    sens = (predicted & y).sum(1) / y.sum()
+    spec = (~predicted & ~y).sum(1) / (~y).sum()
+    if policy == "youden":
+        return float(candidates[int(np.argmax(sens + spec - 1.0))])
+    if policy == "sensitivity":
+        ok = np.flatnonzero(sens >= target)  # sensitivity falls as the threshold rises
+        return float(candidates[ok[-1]]) if len(ok) else float(candidates[0])
+    if policy == "specificity":
+        ok = np.flatnonzero(spec >= target)  # specificity rises with the threshold
+        return float(candidates[ok[0]]) if len(ok) else float(np.nextafter(candidates[-1], 1.0))
+    raise ValueError(f"unknown threshold policy {policy!r}")
+
+
+def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    return float(np.mean((np.asarray(probabilities, np.float64) - np.asarray(labels, np.float64)) ** 2))
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the precision-recall curve as the step sum (scikit-learn's definition)."""
+    y = np.asarray(labels).astype(bool)
+    if not y.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+    s, y = np.asarray(scores, np.float64)[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0)."""
+    y = np.asarray(labels).astype(bool)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")
+    s, y = np.asarray(scores, np.float64)[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie]
+    return np.r_[0.0, fp / max(1, (~y).sum())], np.r_[0.0, tp / max(1, y.sum())]
+
+
+def bootstrap_auroc_ci(labels: np.ndarray, scores: np.ndarray, resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUROC, resampling images; NaN if too few positives."""
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, np.float64)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(y), len(y))
+        value = auroc(y[index], s[index])
+        if not np.isnan(value):
+            values.append(value)
+    if len(values) < resamples // 2:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0 * 100.0
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
@@ -96,13 +155,17 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
 
 
 def calibration_report(labels: np.ndarray, logits: np.ndarray, temperatures: np.ndarray) -> dict:
-    """NLL and ECE before (T = 1) and after temperature scaling, per class and mean."""
+    """NLL, 15-bin ECE and Brier before (T = 1) and after temperature scaling, per class and mean."""
     before = sigmoid(logits)
     after = sigmoid(logits / temperatures)
     n = labels.shape[1]
-    return {
+    report = {
         "nll_before": [binary_nll(labels[:, c], logits[:, c]) for c in range(n)],
         "nll_after": [binary_nll(labels[:, c], logits[:, c] / temperatures[c]) for c in range(n)],
         "ece_before": [expected_calibration_error(labels[:, c], before[:, c]) for c in range(n)],
         "ece_after": [expected_calibration_error(labels[:, c], after[:, c]) for c in range(n)],
+        "brier_before": [brier_score(labels[:, c], before[:, c]) for c in range(n)],
+        "brier_after": [brier_score(labels[:, c], after[:, c]) for c in range(n)],
     }
+    report["mean"] = {key: float(np.mean(values)) for key, values in report.items()}
+    return report

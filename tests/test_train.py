@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from .conftest import SAMPLES, shared
 torch = pytest.importorskip("torch", reason="needs the train extra (torch + timm)")
 pytest.importorskip("timm", reason="needs the train extra (torch + timm)")
 
-from train.data import patient_split, read_nih_csv  # noqa: E402
+from train.data import SplitSpec, patient_split, read_nih_csv  # noqa: E402
 
 
 def write_nih_csv(path, rows):
@@ -63,23 +65,109 @@ def test_unknown_label_is_refused(tmp_path):
         read_nih_csv(tmp_path / "labels.csv")
 
 
+def test_official_lists_split_and_refuse_a_leaking_list(tmp_path):
+    (tmp_path / "images").mkdir()
+    rows = []
+    for patient in range(40):
+        for follow_up in range(2):
+            name = f"{patient:08d}_{follow_up:03d}.png"
+            (tmp_path / "images" / name).write_bytes(b"")
+            rows.append([name, "Effusion" if patient % 4 == 0 else "No Finding", follow_up, patient])
+    write_nih_csv(tmp_path / "Data_Entry_2017.csv", rows)
+    names = [r[0] for r in rows]
+    (tmp_path / "train_val_list.txt").write_text("\n".join(names[:60]) + "\n")
+    (tmp_path / "test_list.txt").write_text("\n".join(names[60:]) + "\n")
+    spec = SplitSpec((str(tmp_path / "Data_Entry_2017.csv"),), 0, str(tmp_path / "train_val_list.txt"),
+                     str(tmp_path / "test_list.txt"), 0.2)
+    splits = spec.splits()
+    assert {r.path.name for r in splits["test"]} == set(names[60:])
+    assert len(splits["val"]) > 0 and len(splits["train"]) + len(splits["val"]) == 60
+    patients = {k: {r.patient_id for r in v} for k, v in splits.items()}
+    assert not (patients["train"] & patients["val"]) and not (patients["test"] & (patients["train"] | patients["val"]))
+    # a list that puts one patient's images on both sides is refused
+    (tmp_path / "test_list.txt").write_text("\n".join(names[59:]) + "\n")
+    (tmp_path / "train_val_list.txt").write_text("\n".join(names[:59]) + "\n")
+    with pytest.raises(ValueError, match="patients are in both"):
+        spec.splits()
+
+
+def test_losses():
+    from train.losses import AsymmetricLoss, FocalLoss, make_loss, weighted_sample_weights
+
+    logits = torch.tensor([[2.0, -1.0, 0.3], [-0.5, 0.2, -3.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.isclose(FocalLoss(gamma=0.0)(logits, targets), bce)  # gamma 0 is plain BCE
+    assert FocalLoss(gamma=2.0)(logits, targets) < bce  # easy examples down-weighted
+    asl = AsymmetricLoss()(logits, targets)
+    assert torch.isfinite(asl) and asl > 0
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    weights = weighted_sample_weights(labels)
+    assert weights[0] > weights[1]  # the rare label's image is drawn more often
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("hinge", labels, True)
+
+
+def _train(*args, timeout=600, **kwargs):
+    return subprocess.run([sys.executable, "-m", "train", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
+
+
+LOOP = ["--batch-size", "64", "--cache", "memory", "--workers", "2"]
+TINY = ["--img-size", "32", *LOOP]
+
+
 @pytest.mark.slow
-def test_finetune_calibrate_export_then_infer(tmp_path):
-    """Tiny real run on 64x64 NIH images; the exported package then runs under `cxr-edge infer`."""
+def test_whole_chain_finetune_calibrate_distill_evaluate_export_infer(tmp_path):
+    """Issue 3's chain on real 64x64 NIH images; the exported student runs under `cxr-edge infer`."""
     data = shared("nih_tiny64", "labels.csv")
-    run, package = tmp_path / "run", tmp_path / "pkg"
-    train = [sys.executable, "-m", "train"]
-    subprocess.run(train + ["finetune", "--data", str(data), "--out", str(run), "--arch", "vit_tiny_patch16_224",
-                            "--img-size", "32", "--epochs", "1", "--batch-size", "64"], check=True, timeout=600)
-    assert (run / "model.safetensors").is_file() and (run / "logits_val.npz").is_file()
-    subprocess.run(train + ["calibrate", str(run)], check=True, capture_output=True, timeout=300)
-    calibration = json.loads((run / "calibration.json").read_text())
-    # temperature scaling is fitted to minimise validation NLL: it cannot make it worse
-    assert sum(calibration["validation"]["nll_after"]) <= sum(calibration["validation"]["nll_before"]) + 1e-9
-    subprocess.run(train + ["export", str(run), "--out", str(package), "--name", "tiny-test"], check=True,
-                   capture_output=True, timeout=300)
+    teacher, student, package = tmp_path / "teacher", tmp_path / "student", tmp_path / "pkg"
+    _ok(_train("finetune", "--data", data, "--out", teacher, "--arch", "vit_small_patch16_224", "--epochs", 2,
+               "--lr", 3e-4, *TINY))
+    for name in ("model.safetensors", "logits_val.npz", "logits_test.npz", "checkpoint.pt", "split.json"):
+        assert (teacher / name).is_file(), name
+
+    _ok(_train("calibrate", teacher, "--policy", "sensitivity:0.8"))
+    calibration = json.loads((teacher / "calibration.json").read_text())
+    report = calibration["validation"]["report"]
+    # temperature scaling minimises validation NLL: per class it cannot make it worse
+    assert all(a <= b + 1e-9 for a, b in zip(report["nll_after"], report["nll_before"]))
+    assert {"ece_before", "ece_after", "brier_before", "brier_after"} <= set(report["mean"])
+    assert calibration["threshold_policy"] == "sensitivity:0.8"
+
+    # DeiT student: class token learns the labels, distillation token the teacher
+    proc = _ok(_train("distill", "--teacher", teacher, "--out", student, "--arch", "deit_tiny_distilled_patch16_224",
+                      "--epochs", 2, "--lr", 3e-4, *LOOP))
+    distill_report = json.loads((student / "distill_report.json").read_text())
+    assert 0.0 <= distill_report["decision_agreement"] <= 1.0
+    assert set(distill_report["student_auroc"]) == set(distill_report["teacher_auroc"])
+    assert (student / "teacher_logits.npz").is_file()
+    assert json.loads((student / "split.json").read_text())["test"] == json.loads((teacher / "split.json").read_text())["test"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["student_mean_auroc"] == distill_report["student_mean_auroc"]
+
+    _ok(_train("calibrate", student))
+    _ok(_train("evaluate", student, "--out", tmp_path / "eval_run", "--bootstrap", 200))
+    run_report = json.loads((tmp_path / "eval_run" / "report.json").read_text())
+    for plot in ("roc.png", "reliability.png", "history.png", "report.md"):
+        assert (tmp_path / "eval_run" / plot).stat().st_size > 0, plot
+    per_class = run_report["metrics"]["per_class"]
+    assert len(per_class) == 15 and all("auroc_ci95" in m and "average_precision" in m for m in per_class.values())
+
+    _ok(_train("export", student, "--out", package, "--name", "tiny-student"))
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["export"]["parity_vs_torch"]["max_abs_dprob"] < 1e-4
+    assert manifest["provenance"]["distilled_from"]["arch"] == "vit_small_patch16_224"
+
+    # the package through the runtime gets the same report as the torch run on the same images
+    _ok(_train("evaluate", package, "--data", data, "--split", "test", "--out", tmp_path / "eval_pkg", "--bootstrap", 200))
+    pkg_report = json.loads((tmp_path / "eval_pkg" / "report.json").read_text())
+    assert pkg_report["metrics"]["images"] == run_report["metrics"]["images"]
+    assert abs(pkg_report["metrics"]["mean_auroc"] - run_report["metrics"]["mean_auroc"]) < 1e-3
 
     # Backend parity on real images through the whole runtime path (decode -> ORT -> JSON)
     out = tmp_path / "out"
@@ -90,10 +178,10 @@ def test_finetune_calibrate_export_then_infer(tmp_path):
     from cxr_edge.findings import calibrated_probabilities
     from cxr_edge.manifest import ModelPackage
     from cxr_edge.preprocess import preprocess
-    from train.export import load_run_model
+    from train.model import load_run_model
 
     pkg = ModelPackage.load(package)
-    model, _, params = load_run_model(run)
+    model, _, params = load_run_model(student)
     images = sorted((SAMPLES / "nih").glob("*.png"))
     x = np.stack([preprocess(decode_file(p).pixels, params) for p in images])
     with torch.no_grad():
@@ -102,3 +190,52 @@ def test_finetune_calibrate_export_then_infer(tmp_path):
         record = json.loads((out / "nih" / (image.name + ".json")).read_text())
         got = [f["probability"] for f in record["findings"]] + [record["no_finding"]["probability"]]
         assert np.max(np.abs(np.array(got) - expected)) < 1e-4
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    data = shared("nih_tiny64", "labels.csv")
+    args = ["finetune", "--data", data, "--arch", "vit_tiny_patch16_224", "--epochs", 3, "--patience", 5, *TINY]
+    _ok(_train(*args, "--out", tmp_path / "whole"))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint.pt").exists():  # written atomically at the end of each epoch
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] < 3 and not (killed / "model.safetensors").exists(), "killed too late to test resume"
+
+    _ok(_train(*args, "--out", killed, "--resume"))
+    from safetensors.numpy import load_file
+
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], resumed[key], err_msg=key)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h["epochs"]]  # noqa: E731
+    assert strip(json.loads((tmp_path / "whole" / "history.json").read_text())) == \
+        strip(json.loads((killed / "history.json").read_text()))
+
+    # a resume with other settings is refused, not silently mixed
+    proc = _train(*[a if a != 3 else 4 for a in args], "--out", killed, "--resume")
+    assert proc.returncode != 0 and "other settings" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """DistributedDataParallel under torchrun (gloo on CPU): the multi-GPU path, minus the GPUs."""
+    data = shared("nih_tiny64", "labels.csv")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "train", "finetune", "--data", str(data), "--out", str(out), "--arch",
+                           "vit_tiny_patch16_224", "--epochs", "2", "--threads", "1", *TINY],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert proc.stderr.count("epoch 1/2") == 1  # rank 1 stays quiet

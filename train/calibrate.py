@@ -1,4 +1,4 @@
-"""Per-class temperatures (NLL on held-out validation logits) and Youden-J thresholds."""
+"""Per-class temperatures (NLL on the run's validation logits) and thresholds by a named policy."""
 
 from __future__ import annotations
 
@@ -7,38 +7,38 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_edge.calibration import fit_calibration
 from cxr_edge.findings import sigmoid
 from cxr_edge.labels import LABELS
-from cxr_edge.metrics import calibration_report, fit_temperatures, per_class_auroc, youden_threshold
+from cxr_edge.metrics import calibration_report, per_class_auroc
 
 
-# With fewer validation positives (or negatives) than this, a fitted temperature is noise:
-# keep T = 1 for that class and say so in the report.
-MIN_EXAMPLES_PER_SIDE = 5
-
-
-def calibrate_run(run_dir: str | Path) -> dict:
+def calibrate_run(run_dir: str | Path, policy: str = "youden") -> dict:
+    """Fit on validation, report on test; writes RUN/calibration.json (export puts it in the manifest)."""
     run_dir = Path(run_dir)
     val, test = np.load(run_dir / "logits_val.npz"), np.load(run_dir / "logits_test.npz")
-    positives = val["labels"].sum(0)
-    fitted = (positives >= MIN_EXAMPLES_PER_SIDE) & (len(val["labels"]) - positives >= MIN_EXAMPLES_PER_SIDE)
-    temperatures = np.where(fitted, fit_temperatures(val["labels"], val["logits"]), 1.0)
-    val_probs = sigmoid(val["logits"] / temperatures)
-    thresholds = [youden_threshold(val["labels"][:, c], val_probs[:, c]) for c in range(len(LABELS))]
+    fit = fit_calibration(val["labels"], val["logits"], policy)
+    temperatures, thresholds = np.asarray(fit["temperatures"]), np.asarray(fit["thresholds"])
     test_auroc = per_class_auroc(test["labels"], test["logits"])
+    decisions = sigmoid(test["logits"] / temperatures) >= thresholds
+    positives = test["labels"] > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = (decisions & positives).sum(0) / positives.sum(0)
+        specificity = (~decisions & ~positives).sum(0) / (~positives).sum(0)
+    nan_none = lambda values: {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in zip(LABELS, values)}  # noqa: E731
     result = {
-        "temperatures": temperatures.tolist(),
-        "thresholds": thresholds,
-        "threshold_policy": "youden",
-        "validation": {"n": int(len(val["labels"])),
-                       "positives": dict(zip(LABELS, positives.astype(int).tolist())),
-                       "temperature_fitted": dict(zip(LABELS, fitted.tolist())),
-                       **calibration_report(val["labels"], val["logits"], temperatures)},
+        "temperatures": fit["temperatures"],
+        "thresholds": fit["thresholds"],
+        "threshold_policy": fit["threshold_policy"],
+        "validation": {k: v for k, v in fit.items() if k not in ("temperatures", "thresholds", "threshold_policy")},
         "test": {
             "n": int(len(test["labels"])),
             "positives": dict(zip(LABELS, test["labels"].sum(0).astype(int).tolist())),
-            "auroc": {label: (None if np.isnan(v) else round(float(v), 4)) for label, v in zip(LABELS, test_auroc)},
+            "auroc": nan_none(test_auroc),
             "mean_auroc": round(float(np.nanmean(test_auroc)), 4),
+            "sensitivity_at_threshold": nan_none(sensitivity),
+            "specificity_at_threshold": nan_none(specificity),
+            "calibration": calibration_report(test["labels"], test["logits"], temperatures)["mean"],
         },
     }
     (run_dir / "calibration.json").write_text(json.dumps(result, indent=2))

@@ -1,51 +1,141 @@
-"""`python -m train <command>`: finetune, calibrate, export."""
+"""`python -m train <command>`: finetune, calibrate, distill, evaluate, export."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import click
 
+from .losses import LOSSES
 
-@click.group()
+
+def loop_options(f):
+    """Options every training command shares (the LoopConfig fields)."""
+    options = [
+        click.option("--epochs", default=8, show_default=True, type=click.IntRange(1)),
+        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Per GPU / process."),
+        click.option("--accum-steps", default=1, show_default=True, type=click.IntRange(1), help="Gradient accumulation."),
+        click.option("--lr", default=1e-4, show_default=True, help="Peak learning rate (AdamW)."),
+        click.option("--layer-decay", type=float, default=None, help="Layer-wise LR decay (e.g. 0.65); off by default."),
+        click.option("--weight-decay", default=0.05, show_default=True),
+        click.option("--warmup-epochs", default=1.0, show_default=True, help="Linear warmup, then cosine."),
+        click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", show_default=True,
+                     help="Mixed precision (CUDA only; ignored with a warning on CPU)."),
+        click.option("--sampler", type=click.Choice(["shuffle", "weighted"]), default="shuffle", show_default=True,
+                     help="weighted: draw images with rare findings more often."),
+        click.option("--loss", type=click.Choice(LOSSES), default="bce", show_default=True),
+        click.option("--pos-weight/--no-pos-weight", default=True, show_default=True,
+                     help="BCE/focal pos_weight = negatives/positives per class (capped at 20)."),
+        click.option("--patience", default=3, show_default=True, help="Early stop after N epochs without val AUROC gain."),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--workers", default=2, show_default=True, help="Data loader / decode processes."),
+        click.option("--threads", default=2, show_default=True, help="torch CPU threads."),
+        click.option("--cache", default=None, metavar="memory|DIR",
+                     help="Cache preprocessed tensors in memory or as float16 .npy in DIR (reused across runs)."),
+        click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt (same settings required)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
-    """Train, calibrate and export cxr-edge models (needs the `train` extra: torch + timm)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Train, calibrate, distill, evaluate and export cxr-edge models (needs the `train` extra)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
 @click.option("--data", "data", multiple=True, required=True, metavar="CSV[:IMAGE_DIR]",
               help="NIH Data_Entry_2017-format CSV (Image Index, Finding Labels, Patient ID); images in IMAGE_DIR "
-                   "or CSV's folder/images. Repeat to combine sets; the patient-wise split covers them all.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--arch", default="vit_small_patch14_dinov2", show_default=True, help="Any timm model name.")
-@click.option("--init", type=click.Path(exists=True, dir_okay=False), help="Local initial weights (.safetensors or torch checkpoint).")
-@click.option("--img-size", default=112, show_default=True)
-@click.option("--epochs", default=8, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--layer-decay", type=float, default=None, help="Layer-wise LR decay (e.g. 0.65); off by default.")
-@click.option("--seed", default=0, show_default=True)
+                   "or CSV's folder/images. Repeat to combine sets.")
+@click.option("--train-val-list", type=click.Path(exists=True, dir_okay=False), help="NIH train_val_list.txt.")
+@click.option("--test-list", type=click.Path(exists=True, dir_okay=False),
+              help="NIH test_list.txt (official test set); without it: seeded patient-wise 70/15/15.")
+@click.option("--val-fraction", default=0.1, show_default=True, help="With the official lists: val share of train_val patients.")
 @click.option("--split-seed", default=0, show_default=True)
-@click.option("--threads", default=2, show_default=True)
-def finetune(**kwargs) -> None:
-    """Fine-tune a timm model; keep the weights of the best validation mean AUROC."""
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--arch", default="vit_base_patch16_224", show_default=True, help="Any timm model name.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False),
+              help="Local initial weights (.safetensors or torch checkpoint; no hub at run time).")
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--resize", type=click.Choice(["pad", "crop", "stretch"]), default="pad", show_default=True)
+@loop_options
+def finetune(resume: bool, **kwargs) -> None:
+    """Fine-tune a timm model; keep the weights of the best validation mean AUROC.
+
+    Multi-GPU: torchrun --nproc_per_node N -m train finetune ...
+    """
     from .finetune import FinetuneConfig, finetune as run
 
-    kwargs["data"] = list(kwargs["data"])
-    run(FinetuneConfig(**kwargs))
+    kwargs["data"] = tuple(kwargs["data"])
+    run(FinetuneConfig(**kwargs), resume=resume)
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-def calibrate(run_dir: str) -> None:
-    """Fit per-class temperatures and Youden thresholds on the run's validation logits."""
+@click.option("--policy", default="youden", show_default=True,
+              help="Threshold policy: youden | sensitivity:0.90 | specificity:0.90.")
+def calibrate(run_dir: str, policy: str) -> None:
+    """Per-class temperatures (NLL on validation logits) and thresholds; RUN/calibration.json."""
     from .calibrate import calibrate_run
 
-    result = calibrate_run(run_dir)
-    click.echo(json.dumps({"test": result["test"], "temperatures": result["temperatures"]}, indent=2))
+    try:
+        result = calibrate_run(run_dir, policy)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    v, t = result["validation"]["report"]["mean"], result["test"]
+    click.echo(f"validation ({result['validation']['n']} images): mean NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, "
+               f"ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f}, Brier {v['brier_before']:.4f} -> {v['brier_after']:.4f}")
+    click.echo(f"test ({t['n']} images): mean AUROC {t['mean_auroc']}, ECE {t['calibration']['ece_before']:.4f} -> "
+               f"{t['calibration']['ece_after']:.4f}; thresholds: {result['threshold_policy']}")
+
+
+@main.command()
+@click.option("--teacher", required=True, type=click.Path(exists=True, file_okay=False), help="A finetune run folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Student run folder to write.")
+@click.option("--arch", default="vit_tiny_patch16_224", show_default=True,
+              help="Student timm model (e.g. vit_tiny_patch16_224, deit_tiny_distilled_patch16_224).")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), help="Local initial weights for the student.")
+@click.option("--temperature", default=2.0, show_default=True, help="Distillation temperature.")
+@click.option("--alpha", default=0.5, show_default=True, help="Weight of the teacher term (1 - alpha: hard labels).")
+@loop_options
+def distill(resume: bool, **kwargs) -> None:
+    """Distil a teacher run into a smaller student on the teacher's split; report the agreement."""
+    from .distill import DistillConfig, distill as run
+
+    report = run(DistillConfig(**kwargs), resume=resume)
+    if report:
+        click.echo(json.dumps({k: report[k] for k in ("student_mean_auroc", "teacher_mean_auroc", "decision_agreement")}))
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data", multiple=True, metavar="CSV[:IMAGE_DIR]",
+              help="Labeled images (NIH CSV). Default for a run: its own data and split.")
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default=None,
+              help="Which part of the (patient-wise) split to use [default: test for a run's own data, else all].")
+@click.option("--split-seed", default=0, show_default=True)
+@click.option("--precision", default="fp32", show_default=True, help="Package artifact to evaluate (fp32, int8, ...).")
+@click.option("--bootstrap", "resamples", default=1000, show_default=True, help="Bootstrap resamples for the AUROC CI.")
+@click.option("--workers", default=2, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
+def evaluate(model_path, data, split, split_seed, precision, resamples, workers, out) -> None:
+    """Evaluate MODEL_PATH (a run folder or a model package) on labeled images: JSON, Markdown, PNG plots."""
+    from .evaluate import evaluate as run
+
+    split = split or ("all" if data else "test")
+    try:
+        report = run(model_path, list(data), split, out, precision, split_seed, resamples, workers=workers)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"mean AUROC {report['metrics']['mean_auroc']} on {report['metrics']['images']} images; "
+               f"report: {out}/report.md")
+    sys.exit(1 if report["failed"] else 0)
 
 
 @main.command()

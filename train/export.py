@@ -16,31 +16,28 @@ from cxr_edge.labels import LABELS
 from cxr_edge.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, ModelPackage, sha256_file
 from cxr_edge.preprocess import PreprocessParams
 
-from .data import load_tensors, patient_split, read_nih_csv
-from .model import create_model
+from .data import SplitSpec, load_tensors
+from .model import load_run_model
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4
 OPSET = 17  # LayerNormalization is one node from opset 17 (TensorRT keeps it in FP32 cleanly)
 
 
-def load_run_model(run_dir: Path):
-    cfg = json.loads((run_dir / "config.json").read_text())
-    params = PreprocessParams.from_manifest(cfg["preprocessing"])
-    model = create_model(cfg["arch"], len(LABELS), params.channels, params.size)
-    from safetensors.torch import load_file
+TRAINING_KEYS = ("epochs", "batch_size", "accum_steps", "lr", "layer_decay", "weight_decay", "warmup_epochs", "loss",
+                 "pos_weight", "sampler", "amp", "seed", "temperature", "alpha")
 
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    return model.eval(), cfg, params
+
+def describe_split(cfg: dict) -> str:
+    if cfg.get("test_list"):
+        return (f"official test list {Path(cfg['test_list']).name}; validation {cfg.get('val_fraction', 0.1):.0%} of "
+                f"the train_val patients, seed {cfg['split_seed']}")
+    return f"patient-wise 70/15/15, seed {cfg['split_seed']}"
 
 
 def parity_tensors(cfg: dict, params: PreprocessParams, count: int) -> np.ndarray:
     """Real held-out images: the first `count` of the run's test split."""
-    records = []
-    for spec in cfg["data"]:
-        csv_path, _, image_dir = spec.partition(":")
-        records += read_nih_csv(csv_path, image_dir or None)
-    test = patient_split(records, seed=cfg["split_seed"])["test"][:count]
+    test = SplitSpec.from_config(cfg).splits()["test"][:count]
     return load_tensors(test, params)[0]
 
 
@@ -90,15 +87,18 @@ def export_package(run_dir: str | Path, out: str | Path, name: str, version: str
         "preprocessing": params.to_manifest(),
         "calibration": {"method": "temperature", "temperatures": calibration["temperatures"],
                         "fitted_on": f"validation split ({calibration['validation']['n']} images)",
-                        **{k: calibration["validation"][k] for k in ("nll_before", "nll_after", "ece_before", "ece_after")}},
+                        "positives": calibration["validation"]["positives"],
+                        "temperature_fitted": calibration["validation"]["temperature_fitted"],
+                        **calibration["validation"]["report"]},
         "thresholds": {"policy": calibration["threshold_policy"], "values": calibration["thresholds"],
                        "chosen_on": "validation split"},
         "metrics": {"test": calibration["test"], "best_val_mean_auroc": history["best_val_mean_auroc"]},
         "artifacts": {},
         "provenance": {
-            "training_data": cfg["data"], "split": "patient-wise 70/15/15, seed %d" % cfg["split_seed"],
+            "training_data": cfg["data"], "split": describe_split(cfg),
             "initial_weights": ({"file": Path(init).name, "sha256": sha256_file(init)} if init else None),
-            "training": {k: cfg[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "seed")},
+            "training": {k: cfg[k] for k in TRAINING_KEYS if k in cfg},
+            "distilled_from": cfg.get("distilled_from"),
             "history": history["epochs"],
             "torch": torch.__version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **(extra or {}),

@@ -62,3 +62,20 @@ def create_model(arch: str, num_classes: int, in_chans: int, img_size: int, init
         if not head_only:
             raise ValueError(f"{init}: does not fit {arch}; missing {result.missing_keys[:8]}")
     return model
+
+
+def load_run_model(run_dir: str | Path):
+    """A run folder's model (config.json + model.safetensors), in eval mode, with its preprocessing."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from cxr_edge.labels import LABELS
+    from cxr_edge.preprocess import PreprocessParams
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    params = PreprocessParams.from_manifest(cfg["preprocessing"])
+    model = create_model(cfg["arch"], len(LABELS), params.channels, params.size)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return model.eval(), cfg, params
