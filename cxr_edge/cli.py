@@ -50,8 +50,10 @@ def _fail_usage(message: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="Model package folder (default: the bundled demo model).")
-@click.option("--backend", default="onnxruntime", show_default=True, help="Inference backend.")
-@click.option("--precision", default="fp32", show_default=True, help="Artifact precision to run.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: a matching TensorRT engine on a GPU, else ONNX Runtime on CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which built artifact to run (fp16/int8 come from `cxr-edge build-engine`).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256), help="Max batch size.")
 @click.option("--max-delay-ms", default=20.0, show_default=True, type=click.FloatRange(0),
               help="Longest an input waits for its batch to fill.")
@@ -66,7 +68,7 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     OUT/<input path>.sr.dcm for every DICOM input, and OUT/summary.jsonl for the run.
     Exit status: 0 all inputs succeeded, 1 some failed, 2 usage or configuration error.
     """
-    from .backends import create_backend
+    from .backends import create_backend, select_backend
     from .errors import CxrEdgeError
     from .manifest import ModelPackage
     from .pipeline import DecodePool, Pipeline, default_workers, quiet_dicom_warnings
@@ -80,6 +82,7 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
         if not items:
             _fail_usage("no input files found (looked for DICOM, PNG and JPEG files)")
         package = ModelPackage.load(model_dir)
+        selection = select_backend(package, backend, precision)
         out.mkdir(parents=True, exist_ok=True)
     except CxrEdgeError as exc:
         _fail_usage(str(exc))
@@ -93,12 +96,12 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     pool = DecodePool(workers, package.preprocess_params)
     try:
         try:
-            runner = create_backend(package, backend, precision, threads=threads)
+            runner = create_backend(package, selection.backend, selection.precision, selection.artifact, threads=threads)
             runner.__enter__()
         except CxrEdgeError as exc:
             _fail_usage(str(exc))
-        log.info("model %s %s on %s (%s), %d inputs, %d decode workers",
-                 package.name, package.version, backend, precision, len(items), workers)
+        log.info("backend %s, %s artifact %r: %s", selection.backend, selection.precision, selection.artifact, selection.reason)
+        log.info("model %s %s, %d inputs, %d decode workers", package.name, package.version, len(items), workers)
         pipeline = Pipeline(package, runner, out, workers=workers, max_batch=batch_size,
                             max_delay_ms=max_delay_ms, write_sr=not no_sr)
         started = time.perf_counter()
@@ -146,7 +149,8 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
 @click.option("--policy", default="youden", show_default=True,
               help="Threshold policy: youden | sensitivity:0.90 | specificity:0.90.")
 @click.option("--version", "new_version", default=None, help="Version of the new package (default: <old>+site.<date>).")
-@click.option("--precision", default="fp32", show_default=True, help="Artifact whose logits are calibrated.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Artifact whose logits are calibrated.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256))
 @click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads (default: CPU cores).")
@@ -160,7 +164,7 @@ def calibrate(inputs, labels_csv, model_dir, out_dir, policy, new_version, preci
     """
     import datetime
 
-    from .backends import create_backend
+    from .backends import create_backend, select_backend
     from .calibration import calibrated_manifest, fit_calibration, parse_policy
     from .errors import CxrEdgeError
     from .labeled import logits_for, match_labels
@@ -174,7 +178,8 @@ def calibrate(inputs, labels_csv, model_dir, out_dir, policy, new_version, preci
         labeled = match_labels(list(inputs), labels_csv)
         if Path(out_dir).exists():
             _fail_usage(f"{out_dir}: already exists; choose a new folder for the new package")
-        with create_backend(package, "onnxruntime", precision, threads=threads) as runner:
+        selection = select_backend(package, "onnxruntime", precision)
+        with create_backend(package, "onnxruntime", precision, selection.artifact, threads=threads) as runner:
             log.info("calibrating %s %s (%s) on %d labeled images", package.name, package.version, precision, len(labeled.items))
             logits, ok, failures = logits_for(labeled.items, package, runner, batch_size, workers)
     except (CxrEdgeError, ValueError) as exc:
@@ -224,6 +229,112 @@ def _print_calibration(report: dict, fit: dict) -> None:
     Console(stderr=True).print(table)
     click.echo(f"wrote {report['package']} (version {report['version']}); (kept) = fewer than 5 positives "
                "or negatives, T left at 1", err=True)
+
+
+@main.command("build-engine")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Model package to add artifacts to (default: the bundled demo model).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write a copy of the package here and build into the copy (default: build in place).")
+@click.option("--int8", is_flag=True, help="INT8: explicit Q/DQ ONNX (TensorRT + ONNX Runtime) and ORT dynamic INT8 (CPU).")
+@click.option("--fp16", is_flag=True, help="Mixed FP16 ONNX (LayerNorm/Softmax kept FP32) for strongly typed TensorRT.")
+@click.option("--calib", metavar="DIR|CSV[:IMAGES]", help="Real calibration images: a folder or a labeled NIH CSV.")
+@click.option("--calib-count", default=500, show_default=True, type=click.IntRange(1), help="Images chosen (seeded).")
+@click.option("--holdout", metavar="DIR|CSV[:IMAGES]",
+              help="Held-out images for the gate [default: other images of --calib]; a CSV adds AUROC deltas.")
+@click.option("--holdout-count", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile"]), default="entropy", show_default=True)
+@click.option("--quantize-ops", default=",".join(("MatMul", "Gemm", "Conv")), show_default=True,
+              help="Op types that get Q/DQ; `all` quantizes everything (LayerNorm, Softmax...: for testing the gate).")
+@click.option("--no-int8-dynamic", is_flag=True, help="With --int8, skip ONNX Runtime's dynamic INT8.")
+@click.option("--tensorrt", "tensorrt_mode", type=click.Choice(["auto", "skip", "require"]), default="auto",
+              show_default=True, help="auto: build engines when TensorRT and a GPU are present, else say why not.")
+@click.option("--batch-profile", default="1,8,32", show_default=True, metavar="MIN,OPT,MAX", help="TensorRT batch profile.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="TensorRT timing cache, reused across builds.")
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="TensorRT builder optimization level.")
+@click.option("--max-dprob", type=float, default=None, help="Gate: max |Δprob| [default per precision, see README].")
+@click.option("--mean-dprob", type=float, default=None, help="Gate: mean |Δprob|.")
+@click.option("--max-flip-rate", type=float, default=None, help="Gate: fraction of decisions flipped at the thresholds.")
+@click.option("--max-auroc-drop", type=float, default=None, help="Gate: per-class AUROC drop (labeled holdout).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="JSON report [default: PKG/build-report.json]; always written.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=None)
+@click.option("--threads", type=click.IntRange(1), default=None)
+def build_engine(model_dir, out_dir, int8, fp16, calib, calib_count, holdout, holdout_count, calib_method, quantize_ops,
+                 no_int8_dynamic, tensorrt_mode, batch_profile, timing_cache, opt_level, max_dprob, mean_dprob,
+                 max_flip_rate, max_auroc_drop, report_path, seed, workers, threads):
+    """Build FP16 / INT8 artifacts (and TensorRT engines on a GPU), gate them against FP32, register the good ones.
+
+    Exit status: 0 every artifact passed the accuracy gate (and is in the manifest), 1 some were
+    refused (not registered; see the report), 2 usage or configuration error.
+    """
+    import dataclasses
+
+    from .errors import CxrEdgeError
+    from .pipeline import quiet_dicom_warnings
+
+    try:
+        from engines.build import BuildOptions, build
+        from engines.gate import DEFAULT_TOLERANCES
+    except ImportError as exc:
+        _fail_usage(f"build-engine needs the `engines` extra (onnx, sympy): pip install 'cxr-edge[engines]' ({exc})")
+    quiet_dicom_warnings()
+    try:
+        profile = [int(v) for v in batch_profile.split(",")]
+        if len(profile) != 3:
+            raise ValueError
+    except ValueError:
+        _fail_usage(f"--batch-profile {batch_profile!r}: expected MIN,OPT,MAX, e.g. 1,8,32")
+    overrides = {k: v for k, v in (("max_abs_dprob", max_dprob), ("mean_abs_dprob", mean_dprob),
+                                   ("flip_rate", max_flip_rate), ("max_auroc_drop", max_auroc_drop)) if v is not None}
+    tolerances = {p: dataclasses.replace(t, **overrides) for p, t in DEFAULT_TOLERANCES.items()}
+    ops = None if quantize_ops.strip().lower() == "all" else tuple(o.strip() for o in quantize_ops.split(",") if o.strip())
+    options = BuildOptions(fp16=fp16, int8=int8, int8_dynamic=not no_int8_dynamic, calib=calib, calib_count=calib_count,
+                           holdout=holdout, holdout_count=holdout_count, seed=seed, method=calib_method, quantize_ops=ops,
+                           tensorrt=tensorrt_mode, min_batch=profile[0], opt_batch=profile[1], max_batch=profile[2],
+                           timing_cache=Path(timing_cache) if timing_cache else None, optimization_level=opt_level,
+                           tolerances=tolerances, workers=workers, threads=threads)
+    try:
+        if out_dir:
+            from .manifest import ModelPackage, write_package_copy
+
+            source = ModelPackage.load(model_dir)
+            model_dir = write_package_copy(source, out_dir, source.manifest).root
+        report = build(model_dir, options, Path(report_path) if report_path else None)
+    except (CxrEdgeError, ValueError) as exc:
+        _fail_usage(str(exc))
+    _print_build(report)
+    sys.exit(EXIT_OK if report["passed"] else EXIT_SOME_FAILED)
+
+
+def _print_build(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cxr-edge build-engine: {report['model']['name']} {report['model']['version']} "
+                        f"({report['holdout']['images']} held-out images)")
+    for column in ("artifact", "precision", "max |Δp|", "mean |Δp|", "flips", "AUROC drop", "CPU speed vs fp32", "result"):
+        table.add_column(column)
+    for key, a in report["artifacts"].items():
+        if "gate" not in a:  # the build itself failed
+            table.add_row(key, a["precision"], "", "", "", "", "", "[red]FAILED[/]")
+            continue
+        g = a["gate"]
+        drop = "n/a" if g.get("max_auroc_drop") is None else f"{g['max_auroc_drop']:.4f}"
+        speed = f"{a['cpu_speedup_vs_fp32']:.2f}x" if "cpu_speedup_vs_fp32" in a else f"{a.get('gpu_ms_per_image_incl_copies')} ms/img GPU"
+        result = "[green]registered[/]" if a["registered"] else "[red]REFUSED[/]"
+        table.add_row(key, a["precision"], f"{g['max_abs_dprob']:.4f}", f"{g['mean_abs_dprob']:.5f}",
+                      f"{g['flipped_decisions']} ({100 * g['flip_rate']:.2f}%)", drop, speed, result)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+    console.print(table)
+    for key, a in report["artifacts"].items():
+        if a["reasons"]:
+            console.print(f"[red]{key} refused[/]: {'; '.join(a['reasons'])}", highlight=False)
+    trt = report.get("tensorrt") or {}
+    if trt.get("status") == "skipped":
+        console.print(f"TensorRT step skipped: {trt['reason']}")
+    console.print(f"report: {report['report_path']}")
 
 
 def _run_with_progress(pipeline, items, pool):

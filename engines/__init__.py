@@ -1,5 +1,6 @@
-"""Exporter: ONNX -> FP16 / INT8 (explicit Q/DQ) -> TensorRT engines, with an accuracy gate.
+"""build-engine: ONNX FP32 -> FP16 / INT8 (explicit Q/DQ, dynamic) -> TensorRT engines, each gated
+against FP32 on held-out real images before it is registered in the model package.
 
-Not built yet: this is the next issue ("build-engine"). It will import `cxr_edge` (decode,
-preprocessing, model package) and onnx / onnxruntime / tensorrt, never torch.
+Imports `cxr_edge` (decode, preprocessing, model package) and onnx / onnxruntime / tensorrt;
+never torch.
 """

@@ -155,7 +155,7 @@ def logits_from_run(run: Path, records, cache: str | None, workers: int):
 
 
 def logits_from_package(root: Path, records, precision: str, workers: int):
-    from cxr_edge.backends import create_backend
+    from cxr_edge.backends import create_backend, select_backend
     from cxr_edge.labeled import logits_for
     from cxr_edge.manifest import ModelPackage
     from cxr_edge.sources import InputItem
@@ -164,13 +164,16 @@ def logits_from_package(root: Path, records, precision: str, workers: int):
 
     package = ModelPackage.load(root)
     items = [InputItem(r.path.absolute(), Path(r.path.name)) for r in records]
-    with create_backend(package, "onnxruntime", precision) as runner:
+    selection = select_backend(package, "auto", precision)
+    log.info("backend %s, artifact %s: %s", selection.backend, selection.artifact, selection.reason)
+    with create_backend(package, selection.backend, precision, selection.artifact) as runner:
         logits, ok, failures = logits_for(items, package, runner, workers=workers)
     for item, reason in failures:
         log.error("%s: left out: %s", item.path, reason)
     history = package.manifest.get("provenance", {}).get("history")
     model_info = {"name": f"{package.name} {package.version}", "kind": "model package", "precision": precision,
-                  "sha256": package.artifact(precision)["sha256"], "source": str(root)}
+                  "artifact": selection.artifact,
+                  "backend": selection.backend, "sha256": package.artifact(selection.artifact)["sha256"], "source": str(root)}
     return (logits, labels_of(records)[ok], package.temperatures, package.thresholds, history, model_info, len(failures))
 
 

@@ -189,6 +189,8 @@ def fit(model: torch.nn.Module, train_set: XrayDataset, val_set: XrayDataset, cf
                     loss = compute_loss(train_model(x), y, index)
                 scaler.scale(loss / cfg.accum_steps).backward()
             losses.append(loss.item())
+            if len(batches) >= 50 and (i + 1) % (len(batches) // 10) == 0:  # progress on long epochs
+                log.info("epoch %d: batch %d/%d, loss %.4f", state["epoch"] + 1, i + 1, len(batches), np.mean(losses[-50:]))
             if last_micro:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], total, warmup, cfg.lr) * group.get("lr_scale", 1.0)

@@ -13,18 +13,20 @@ from ..manifest import ModelPackage
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, package: ModelPackage, precision: str = "fp32", threads: int | None = None,
+                 artifact: str | None = None):
         self.package = package
         self.precision = precision
+        self.artifact_key = artifact or precision  # e.g. "int8" (Q/DQ) or "int8-dynamic" for precision int8
         self.threads = threads or len(os.sched_getaffinity(0))
         self.session = None
-        self.artifact_sha256 = package.artifact(precision)["sha256"]
+        self.artifact_sha256 = package.artifact(self.artifact_key)["sha256"]
 
     def __enter__(self) -> "OnnxRuntimeBackend":
         import onnxruntime as ort
 
         # Verified bytes go straight to the session: the file cannot change between check and load.
-        model_bytes = self.package.read_verified(self.precision)
+        model_bytes = self.package.read_verified(self.artifact_key)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
@@ -33,7 +35,7 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelPackageError(f"{self.package.root}: ONNX Runtime cannot load {self.precision}: {exc}") from exc
+            raise ModelPackageError(f"{self.package.root}: ONNX Runtime cannot load {self.artifact_key}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         return self
@@ -54,6 +56,7 @@ class OnnxRuntimeBackend:
             "name": self.name,
             "provider": "CPUExecutionProvider",
             "precision": self.precision,
+            "artifact": self.artifact_key,
             "threads": self.threads,
             "onnxruntime": ort.__version__,
         }
