@@ -337,6 +337,99 @@ def _print_build(report: dict) -> None:
     console.print(f"report: {report['report_path']}")
 
 
+@main.command()
+@click.argument("inbox", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Journal and processed inputs [default: OUT/.cxr-edge]. systemd: StateDirectory.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help="Model package.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256), help="Max batch size.")
+@click.option("--max-delay-ms", default=20.0, show_default=True, type=click.FloatRange(0),
+              help="Longest an input waits for its batch to fill.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads.")
+@click.option("--settle", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds a file written in place must stay unchanged before it is taken (renamed-in files: at once).")
+@click.option("--max-attempts", default=5, show_default=True, type=click.IntRange(1), help="Tries for transient failures.")
+@click.option("--disposition", type=click.Choice(["leave", "move", "delete"]), default="leave", show_default=True,
+              help="What happens to an input once it is done or failed for good.")
+@click.option("--processed-dir", type=click.Path(file_okay=False), default=None,
+              help="With --disposition move [default: STATE_DIR/processed]: done/ and failed/ below it.")
+@click.option("--no-sr", is_flag=True, help="Do not write DICOM SR.")
+@click.option("--listen", default=None, metavar="AE@HOST:PORT", help="Run a DICOM C-STORE SCP into the inbox.")
+@click.option("--allow", "allowed", multiple=True, metavar="AE", help="Calling AE titles the SCP accepts (repeat).")
+@click.option("--send-to", default=None, metavar="AE@HOST:PORT", help="C-STORE every SR to this PACS (retried).")
+@click.option("--calling-ae", default="CXREDGE", show_default=True, help="Our AE title when sending.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Prometheus /metrics on 127.0.0.1.")
+def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, settle,
+          max_attempts, disposition, processed_dir, no_sr, listen, allowed, send_to, calling_ae, metrics_port):
+    """Watch INBOX (and optionally receive DICOM) and process every input exactly once, as a service.
+
+    SIGTERM / SIGINT: finish the in-flight batch, exit 0. SIGHUP: reload the model package.
+    Under systemd (Type=notify): READY, STATUS and WATCHDOG pings. See `cxr-edge status`.
+    """
+    from .daemon.dicom_net import Peer
+    from .daemon.service import Daemon, DaemonConfig
+    from .errors import CxrEdgeError
+
+    out = Path(out_dir)
+    try:
+        listen_peer = Peer.parse(listen) if listen else None
+        send_peer = Peer.parse(send_to) if send_to else None
+    except ValueError as exc:
+        _fail_usage(str(exc))
+    cfg = DaemonConfig(inbox=Path(inbox), out=out, state_dir=Path(state_dir) if state_dir else out / ".cxr-edge",
+                       model=model_dir, backend=backend, precision=precision, max_batch=batch_size,
+                       max_delay_ms=max_delay_ms, workers=workers, threads=threads, settle=settle,
+                       max_attempts=max_attempts, disposition=disposition,
+                       processed_dir=Path(processed_dir) if processed_dir else None, write_sr=not no_sr,
+                       listen=listen_peer, allowed_callers=list(allowed), send_to=send_peer, calling_ae=calling_ae,
+                       metrics_port=metrics_port)
+    try:
+        sys.exit(Daemon(cfg).run())
+    except CxrEdgeError as exc:
+        _fail_usage(str(exc))
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The daemon's state directory (holds journal.sqlite3).")
+@click.option("--out", "out_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Or the daemon's --out (state in OUT/.cxr-edge).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+def status(state_dir, out_dir, as_json):
+    """Counts by state, SR sends, last errors and throughput, read from the daemon's journal."""
+    from .daemon.journal import Journal
+
+    if not state_dir and not out_dir:
+        _fail_usage("pass --state-dir or --out")
+    path = Path(state_dir) if state_dir else Path(out_dir) / ".cxr-edge"
+    if not (path / "journal.sqlite3").is_file():
+        _fail_usage(f"no journal in {path}")
+    journal = Journal(path / "journal.sqlite3")
+    report = journal.status()
+    journal.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cxr-edge status ({report['journal']})", show_header=False)
+    for state, count in report["inputs"].items():
+        table.add_row(f"inputs {state}", str(count))
+    for state, count in report["sends"].items():
+        table.add_row(f"SR sends {state}", str(count))
+    table.add_row("done, last minute", str(report["throughput_per_minute"]["last_minute"]))
+    table.add_row("done per minute, last hour", str(report["throughput_per_minute"]["last_hour"]))
+    console = Console()
+    console.print(table)
+    for error in report["last_errors"]:
+        console.print(f"{error['at']}  {error['input']}: {error['error']}", highlight=False)
+
+
 def _run_with_progress(pipeline, items, pool):
     if not sys.stderr.isatty():
         step = max(1, len(items) // 10)

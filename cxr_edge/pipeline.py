@@ -100,9 +100,14 @@ def quiet_dicom_warnings() -> None:
 
 
 def _init_worker() -> None:
+    import signal
+
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the process pool
+    # Stop / reload signals are the main process's business: it drains, then closes the pool.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     quiet_dicom_warnings()
 
 

@@ -1,0 +1,87 @@
+"""Running `cxr-edge watch` as a real process in tests, and reading what it left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class DaemonProcess:
+    def __init__(self, root: Path, *extra: str, env: dict | None = None):
+        self.inbox, self.out = root / "inbox", root / "out"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.log_path = root / f"daemon-{time.monotonic_ns()}.log"
+        self.args = [sys.executable, "-m", "cxr_edge", "watch", str(self.inbox), "--out", str(self.out),
+                     "--settle", "0.5", "--workers", "2", *map(str, extra)]
+        self.env = {**os.environ, **(env or {})}
+        self.proc = None
+
+    def start(self) -> "DaemonProcess":
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        wait_for(lambda: "watching" in self.log_path.read_text() or self.proc.poll() is not None, 120, what="start-up")
+        assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
+        return self
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout)
+        self.log.close()
+        return self.proc.returncode
+
+    @property
+    def journal(self) -> Path:
+        return self.out / ".cxr-edge" / "journal.sqlite3"
+
+    def states(self) -> dict[str, int]:
+        if not self.journal.exists():
+            return {}
+        with sqlite3.connect(f"file:{self.journal}?mode=ro", uri=True, timeout=5) as db:
+            return dict(db.execute("SELECT state, COUNT(*) FROM inputs GROUP BY state").fetchall())
+
+    def rows(self) -> list[dict]:
+        with sqlite3.connect(f"file:{self.journal}?mode=ro", uri=True, timeout=5) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM inputs ORDER BY id")]
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+
+def drop(source: Path, inbox: Path, name: str | None = None) -> Path:
+    """Deliver a file the atomic way: temp name in the inbox, then rename."""
+    target = inbox / (name or source.name)
+    tmp = inbox / f".{target.name}.part"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def outputs(out: Path, suffix: str = ".json") -> list[Path]:
+    return sorted(p for p in out.rglob(f"*{suffix}") if ".cxr-edge" not in p.parts)
+
+
+def temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".part") or p.name.endswith(".tmp")]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in outputs(out)]

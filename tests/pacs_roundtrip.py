@@ -1,0 +1,84 @@
+"""Run inside a private network namespace (`unshare --net`): Orthanc + cxr-edge watch + storescu.
+
+Debian's Orthanc 1.10 binds 0.0.0.0 only, so it gets a namespace of its own where 0.0.0.0 is
+loopback and nothing else. Sends real chest DICOMs to the daemon's SCP with dcmtk's storescu,
+waits for the SRs to arrive in Orthanc, and prints a JSON summary. Exit 0 on success.
+usage: unshare --net python tests/pacs_roundtrip.py WORKDIR DICOM...
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ORTHANC_HTTP, ORTHANC_DICOM, DAEMON_PORT = 8042, 4242, 11112
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"port {port} never opened")
+
+
+def rest(path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ORTHANC_HTTP}{path}", data=data),
+                                timeout=10) as response:
+        return json.loads(response.read())
+
+
+def main(workdir: Path, dicoms: list[Path]) -> int:
+    import pydicom
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "cxr-edge-test", "StorageDirectory": str(workdir / "orthanc-db"), "IndexDirectory": str(workdir / "orthanc-db"),
+        "DicomAet": "ORTHANC", "DicomPort": ORTHANC_DICOM, "HttpPort": ORTHANC_HTTP, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
+    }))
+    orthanc = subprocess.Popen(["Orthanc", str(config)], stdout=open(workdir / "orthanc.log", "w"), stderr=subprocess.STDOUT)
+    daemon_log = open(workdir / "daemon.log", "w")
+    daemon = subprocess.Popen([sys.executable, "-m", "cxr_edge", "watch", str(workdir / "inbox"), "--out", str(workdir / "out"),
+                               "--listen", f"CXREDGE@127.0.0.1:{DAEMON_PORT}", "--allow", "MODALITY",
+                               "--send-to", f"ORTHANC@127.0.0.1:{ORTHANC_DICOM}", "--settle", "0.5", "--workers", "2"],
+                              stdout=daemon_log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(ORTHANC_HTTP)
+        wait_port(DAEMON_PORT)
+        intruder = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "CXREDGE", "127.0.0.1", str(DAEMON_PORT),
+                                   str(dicoms[0])], capture_output=True, text=True)
+        sent = subprocess.run(["storescu", "--required", "-aet", "MODALITY", "-aec", "CXREDGE", "127.0.0.1", str(DAEMON_PORT),
+                               *map(str, dicoms)], capture_output=True, text=True)
+        if sent.returncode != 0:
+            raise SystemExit(f"storescu failed: {sent.stderr}")
+        sources = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in dicoms}
+        deadline = time.monotonic() + 120
+        srs = []
+        while time.monotonic() < deadline and len(srs) < len(dicoms):
+            srs = rest("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}})
+            time.sleep(0.2)
+        studies = {rest(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in srs}
+        print(json.dumps({"sent": len(dicoms), "srs_in_orthanc": len(srs), "sr_studies": sorted(studies),
+                          "source_studies": sorted(sources), "intruder_returncode": intruder.returncode,
+                          "inbox_files": sorted(p.name for p in (workdir / "inbox").glob("*.dcm"))}))
+        return 0 if len(srs) == len(dicoms) and studies == sources else 1
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        orthanc.terminate()
+        orthanc.wait(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]))

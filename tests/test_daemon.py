@@ -1,0 +1,182 @@
+"""`cxr-edge watch` as a real process: exactly once through SIGKILL, slow writers, bad files,
+SIGTERM, SIGHUP, systemd notify and metrics. The PACS round trip is in test_pacs.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from .conftest import SAMPLES, shared
+from .daemon_helpers import DaemonProcess, drop, outputs, records, temp_files, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_burst_with_sigkill_then_restart_processes_every_file_exactly_once(tmp_path):
+    images = sorted(shared("nih_tiny64", "images").glob("*.png"))[:200]
+    daemon = DaemonProcess(tmp_path, "--batch-size", "8").start()
+    for image in images:  # a burst: 200 files renamed into the inbox as fast as they can be copied
+        drop(image, daemon.inbox)
+    wait_for(lambda: daemon.states().get("done", 0) >= 40, what="40 inputs done")
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(30)
+    killed_at = daemon.states()
+    assert killed_at.get("done", 0) < 200, "the burst finished before the kill; the test proves nothing"
+
+    restarted = DaemonProcess(tmp_path, "--batch-size", "8").start()
+    wait_for(lambda: restarted.states() == {"done": 200}, timeout=300, what="all 200 done after restart")
+    assert restarted.stop() == 0
+
+    jsons = outputs(restarted.out)
+    assert len(jsons) == 200  # one per input, no duplicates under other names
+    assert temp_files(restarted.out) == [] and temp_files(restarted.inbox) == []
+    by_sha = {r["input"]["sha256"]: r for r in records(restarted.out)}
+    assert set(by_sha) == {sha256(p) for p in images}  # every input, exactly once
+    assert all(r["status"] == "ok" for r in by_sha.values())
+    rows = restarted.rows()
+    assert len(rows) == 200 and {r["state"] for r in rows} == {"done"}
+    for row in rows:  # the journal agrees with the files
+        assert json.loads(row["outputs"])["json"] in {str(p) for p in jsons}
+        assert by_sha[row["sha256"]]["input"]["relative_path"] == row["relative"]
+
+
+def test_a_file_written_slowly_is_not_taken_before_it_is_complete(tmp_path):
+    source = SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm"
+    data = source.read_bytes()
+    daemon = DaemonProcess(tmp_path, "--settle", "1.0").start()
+    target = daemon.inbox / "slow.dcm"
+    chunks = 6
+    with open(target, "wb") as f:  # written in place, in chunks, pausing less than --settle
+        for i in range(chunks):
+            f.write(data[i * len(data) // chunks : (i + 1) * len(data) // chunks])
+            f.flush()
+            time.sleep(0.4)
+            assert outputs(daemon.out) == [] and daemon.states() == {}, "taken while still being written"
+    record_path = wait_for(lambda: outputs(daemon.out), timeout=60, what="the slow file's outputs")[0]
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "ok" and record["input"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert len(outputs(daemon.out, ".sr.dcm")) == 1
+    assert daemon.states() == {"done": 1}
+    assert daemon.stop() == 0
+
+
+def test_bad_files_get_error_records_and_do_not_stop_the_daemon(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    daemon = DaemonProcess(tmp_path, "--max-attempts", "1").start()
+    good = SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.dcm").write_text("not an image\n" * 10)
+    (bad / "empty.dcm").write_bytes(b"")
+    (bad / "cut.dcm").write_bytes(good.read_bytes()[:3000])
+    shutil.copy(get_testdata_file("CT_small.dcm"), bad / "ct.dcm")
+    for path in sorted(bad.iterdir()):
+        drop(path, daemon.inbox)
+    drop(SAMPLES / "nih" / "00000100_000.png", daemon.inbox)
+    wait_for(lambda: sum(daemon.states().values()) == 5 and daemon.states().get("pending", 0) == 0
+             and daemon.states().get("processing", 0) == 0, timeout=120, what="all five finished")
+    assert daemon.states() == {"done": 1, "failed": 4}
+    reasons = {r["input"]["relative_path"]: r["error"]["reason"] for r in records(daemon.out) if r["status"] == "error"}
+    assert "not a DICOM file" in reasons["notes.dcm"] and "empty file" in reasons["empty.dcm"]
+    assert "truncated" in reasons["cut.dcm"] and "modality CT" in reasons["ct.dcm"]
+    assert daemon.proc.poll() is None  # still serving
+    drop(SAMPLES / "nih" / "00001873_000.png", daemon.inbox)
+    wait_for(lambda: daemon.states().get("done") == 2, what="a good file after the bad ones")
+    assert daemon.stop() == 0
+
+
+def test_sigterm_drains_the_batch_and_exits_0(tmp_path):
+    images = sorted(shared("nih_tiny64", "images").glob("*.png"))[200:240]
+    daemon = DaemonProcess(tmp_path).start()
+    for image in images:
+        drop(image, daemon.inbox)
+    wait_for(lambda: daemon.states().get("done", 0) >= 5, what="5 done")
+    started = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    assert time.monotonic() - started < 30
+    assert temp_files(daemon.out) == []
+    states = daemon.states()
+    assert states.get("processing", 0) == 0  # the in-flight batch was finished, not abandoned
+    for record in records(daemon.out):  # every output complete
+        assert record["status"] == "ok" and len(record["findings"]) == 14
+    assert "stopped cleanly" in daemon.text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_systemd_notify_watchdog_metrics_and_sighup_reload(tmp_path):
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(0.2)
+    port = _free_port()
+    daemon = DaemonProcess(tmp_path, "--metrics-port", port,
+                           env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}).start()
+    messages = []
+
+    def received(text):
+        def check():
+            try:
+                messages.append(listener.recv(4096).decode())
+            except socket.timeout:
+                pass
+            return any(text in m for m in messages)
+        return check
+
+    wait_for(received("READY=1"), timeout=30, what="READY=1")
+    wait_for(received("WATCHDOG=1"), timeout=30, what="WATCHDOG=1")
+    drop(SAMPLES / "nih" / "00000100_000.png", daemon.inbox)
+    wait_for(lambda: daemon.states().get("done") == 1, what="one done")
+    wait_for(received("STATUS=done 1"), timeout=30, what="STATUS with the count")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ('cxr_edge_inputs_total{result="ok"} 1.0', "cxr_edge_stage_seconds_bucket", "cxr_edge_queue_depth",
+                 "cxr_edge_batch_size_count"):
+        assert name in metrics, name
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "model reloaded" in daemon.text(), timeout=60, what="SIGHUP reload")
+    drop(SAMPLES / "nih" / "00001873_000.png", daemon.inbox)
+    wait_for(lambda: daemon.states().get("done") == 2, what="a file after the reload")
+    assert daemon.stop() == 0
+    wait_for(received("STOPPING=1"), timeout=10, what="STOPPING=1")
+    listener.close()
+
+
+def test_status_command_reads_the_journal(tmp_path):
+    daemon = DaemonProcess(tmp_path).start()
+    drop(SAMPLES / "nih" / "00000100_000.png", daemon.inbox)
+    (tmp_path / "junk.dcm").write_text("junk")
+    drop(tmp_path / "junk.dcm", daemon.inbox)
+    wait_for(lambda: daemon.states() == {"done": 1, "failed": 1}, what="one done, one failed")
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge", "status", "--out", str(daemon.out), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["inputs"]["done"] == 1 and status["inputs"]["failed"] == 1
+    assert "not a DICOM file" in status["last_errors"][0]["error"]
+    assert daemon.stop() == 0
+    # the same file again (same name, same bytes, new mtime) is not processed twice, even after a restart
+    os.utime(daemon.inbox / "00000100_000.png")
+    again = DaemonProcess(tmp_path).start()
+    wait_for(lambda: "seen again, already done" in again.text(), what="the start-up scan to find it")
+    assert again.stop() == 0
+    assert again.states() == {"done": 1, "failed": 1} and len(outputs(again.out)) == 2
