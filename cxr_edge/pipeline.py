@@ -11,6 +11,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -38,6 +39,7 @@ class Prepared:
     sha256: str | None = None
     size_bytes: int | None = None
     timings_ms: dict = field(default_factory=dict)
+    started_at: float | None = None  # perf_counter (CLOCK_MONOTONIC: the same clock in every process)
     error: dict | None = None  # {"stage", "reason"}
 
 
@@ -67,10 +69,10 @@ def prepare(item: InputItem, params, max_pixels: int) -> Prepared:
     from .decode import decode_file
     from .preprocess import preprocess
 
-    prepared = Prepared(item)
+    prepared = Prepared(item, started_at=time.perf_counter())
     try:
+        t0 = prepared.started_at  # decode includes reading and hashing the file
         prepared.sha256, prepared.size_bytes = _file_sha256(item.path)
-        t0 = time.perf_counter()
         decoded = decode_file(item.path, max_pixels=max_pixels)
         t1 = time.perf_counter()
         prepared.tensor = preprocess(decoded.pixels, params)
@@ -99,15 +101,25 @@ def quiet_dicom_warnings() -> None:
         logging.getLogger(module).setLevel(logging.ERROR)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent died (SIGKILL, OOM killer) would linger forever: leave too."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _init_worker() -> None:
     import signal
 
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the process pool
-    # Stop / reload signals are the main process's business: it drains, then closes the pool.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # Ctrl-C and SIGHUP reach the whole process group, but stopping and reloading are the main
+    # process's business: it drains, then closes the pool. SIGTERM stays fatal, so a broken
+    # pool can still terminate its workers.
+    for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     quiet_dicom_warnings()
 
 
@@ -135,6 +147,10 @@ class DecodePool:
         return self._executor.submit(prepare, item, self.params, self.max_pixels)
 
     def restart(self) -> None:
+        # A broken pool's survivors may be blocked writing a result nobody reads: kill them, or
+        # the executor's manager thread waits on them forever (and so does interpreter exit).
+        for process in list((self._executor._processes or {}).values()):
+            process.kill()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._executor = self._new_executor()
 
@@ -193,11 +209,12 @@ class Pipeline:
     """
 
     def __init__(self, package, backend, out_dir: Path, *, workers: int | None = None, max_batch: int = 8,
-                 max_delay_ms: float = 20.0, write_sr: bool = True):
+                 max_delay_ms: float = 20.0, write_sr: bool = True, log_names: bool = True):
         self.package, self.backend, self.out_dir = package, backend, Path(out_dir)
         self.workers = workers or default_workers()
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
         self.write_sr = write_sr
+        self.log_names = log_names  # the daemon logs journal ids instead: file names may carry patient data
         self.labels, self.thresholds, self.temperatures = package.labels, package.thresholds, package.temperatures
         self.model_info = {
             "name": package.name,
@@ -250,15 +267,21 @@ class Pipeline:
         except Exception as exc:  # the backend failing is reported per input, not fatal to the run
             log.error("inference failed for a batch of %d: %s", len(batch), exc)
             return [self._error(p, "inference", f"{type(exc).__name__}: {exc}") for p, _ in batch]
-        inference_ms = (time.perf_counter() - started) * 1e3
+        inferred = time.perf_counter()
+        # the backend's own split (h2d / compute / d2h); None where it does not apply (CPU)
+        split = {k: v for k, v in (getattr(self.backend, "last_timings_ms", None) or {}).items() if v is not None}
         probabilities = calibrated_probabilities(logits, self.temperatures)
+        rows = [findings_for_row(self.labels, row, self.thresholds) for row in probabilities]
+        postprocess_ms = (time.perf_counter() - inferred) * 1e3
         results = []
-        for (prepared, arrived), row in zip(batch, probabilities):
+        for (prepared, arrived), findings in zip(batch, rows):
+            # batch stages are the batch's times: each of its inputs waits for all of it
             timings = dict(prepared.timings_ms)
             timings["queue"] = (started - arrived) * 1e3
-            timings["inference_batch"] = inference_ms
+            timings["inference_batch"] = (inferred - started) * 1e3
+            timings.update(split)
+            timings["postprocess"] = postprocess_ms
             timings["batch_size"] = len(batch)
-            findings = findings_for_row(self.labels, row, self.thresholds)
             results.append(self._write(prepared, findings, timings))
         return results
 
@@ -282,7 +305,10 @@ class Pipeline:
                 outputs["sr"] = str(sr_path)
                 record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": str(sr.SOPInstanceUID),
                                            "series_instance_uid": str(sr.SeriesInstanceUID)}
-            record["timings_ms"]["write"] = round((time.perf_counter() - started) * 1e3, 3)
+            finished = time.perf_counter()
+            record["timings_ms"]["write"] = round((finished - started) * 1e3, 3)
+            if prepared.started_at is not None:  # decode start -> outputs written
+                record["timings_ms"]["end_to_end"] = round((finished - prepared.started_at) * 1e3, 3)
             # The JSON goes last: its presence marks a complete set of outputs.
             atomic_write_json(json_path, record)
             outputs["json"] = str(json_path)
@@ -299,7 +325,8 @@ class Pipeline:
         from .records import error_record
 
         record = error_record(prepared, stage, reason, self.model_info, self.backend_info)
-        log.warning("%s: %s failed: %s", prepared.item.relative.as_posix(), stage, reason)
+        if self.log_names:
+            log.warning("%s: %s failed: %s", prepared.item.relative.as_posix(), stage, reason)
         outputs = {}
         stem = self.out_dir / output_stem(prepared.item.relative)
         json_path = stem.with_name(stem.name + ".json")

@@ -25,3 +25,40 @@ def need_tool(name: str) -> str:
     if not path:
         pytest.skip(f"needs `{name}` on PATH (Debian: dcmtk / dicom3tools; .ci/run installs them)")
     return path
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A child process that outlives the suite (a leaked daemon, a stuck pool worker) would keep
+    pytest from exiting and CI waiting forever: name it, kill it, and fail the run."""
+    import os
+    import signal
+
+    if not Path("/proc").is_dir():
+        return
+    leftovers = _descendants(os.getpid())
+    for pid in leftovers:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+        print(f"\nconftest: killed process {pid} left running by the tests: {cmdline[:200]}")
+    if leftovers and session.exitstatus == 0:
+        session.exitstatus = 1

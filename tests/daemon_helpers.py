@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +24,34 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05, what: st
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+STARTED: list["DaemonProcess"] = []
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids in process group `pgid` that are still running (zombies do not count)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_leftovers() -> None:
+    """Kill every daemon a test started (and its decode workers), even after a failed assert,
+    so no process outlives the test and holds pytest's output open."""
+    while STARTED:
+        proc = STARTED.pop().proc
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is the daemon + workers
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+
 class DaemonProcess:
     def __init__(self, root: Path, *extra: str, env: dict | None = None):
         self.inbox, self.out = root / "inbox", root / "out"
@@ -35,7 +64,9 @@ class DaemonProcess:
 
     def start(self) -> "DaemonProcess":
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        STARTED.append(self)
         wait_for(lambda: "watching" in self.log_path.read_text() or self.proc.poll() is not None, 120, what="start-up")
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
         return self

@@ -29,6 +29,21 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise SystemExit(f"port {port} never opened")
 
 
+def wait_for_failed_sends(journal: Path, count: int, timeout: float = 120.0) -> int:
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if journal.exists():
+            with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as db:
+                failed = db.execute("SELECT COUNT(*) FROM sends WHERE state = 'pending' AND attempts >= 1 "
+                                    "AND error IS NOT NULL").fetchone()[0]
+            if failed >= count:
+                return failed
+        time.sleep(0.1)
+    raise SystemExit("the SR sends never failed while the PACS was down")
+
+
 def rest(path: str, body: dict | None = None):
     data = json.dumps(body).encode() if body is not None else None
     with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ORTHANC_HTTP}{path}", data=data),
@@ -47,14 +62,13 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
         "DicomAet": "ORTHANC", "DicomPort": ORTHANC_DICOM, "HttpPort": ORTHANC_HTTP, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
     }))
-    orthanc = subprocess.Popen(["Orthanc", str(config)], stdout=open(workdir / "orthanc.log", "w"), stderr=subprocess.STDOUT)
     daemon_log = open(workdir / "daemon.log", "w")
     daemon = subprocess.Popen([sys.executable, "-m", "cxr_edge", "watch", str(workdir / "inbox"), "--out", str(workdir / "out"),
                                "--listen", f"CXREDGE@127.0.0.1:{DAEMON_PORT}", "--allow", "MODALITY",
                                "--send-to", f"ORTHANC@127.0.0.1:{ORTHANC_DICOM}", "--settle", "0.5", "--workers", "2"],
                               stdout=daemon_log, stderr=subprocess.STDOUT)
+    orthanc = None
     try:
-        wait_port(ORTHANC_HTTP)
         wait_port(DAEMON_PORT)
         intruder = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "CXREDGE", "127.0.0.1", str(DAEMON_PORT),
                                    str(dicoms[0])], capture_output=True, text=True)
@@ -62,6 +76,11 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
                                *map(str, dicoms)], capture_output=True, text=True)
         if sent.returncode != 0:
             raise SystemExit(f"storescu failed: {sent.stderr}")
+        # The PACS is down at first: the SR sends must wait in the journal and be retried.
+        failed_sends = wait_for_failed_sends(workdir / "out" / ".cxr-edge" / "journal.sqlite3", len(dicoms))
+        orthanc = subprocess.Popen(["Orthanc", str(config)], stdout=open(workdir / "orthanc.log", "w"),
+                                   stderr=subprocess.STDOUT)
+        wait_port(ORTHANC_HTTP)
         sources = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in dicoms}
         deadline = time.monotonic() + 120
         srs = []
@@ -71,13 +90,18 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
         studies = {rest(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in srs}
         print(json.dumps({"sent": len(dicoms), "srs_in_orthanc": len(srs), "sr_studies": sorted(studies),
                           "source_studies": sorted(sources), "intruder_returncode": intruder.returncode,
+                          "sends_failed_while_pacs_down": failed_sends,
                           "inbox_files": sorted(p.name for p in (workdir / "inbox").glob("*.dcm"))}))
         return 0 if len(srs) == len(dicoms) and studies == sources else 1
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-        orthanc.terminate()
-        orthanc.wait(30)
+        for proc in (daemon, orthanc):
+            if proc:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 if __name__ == "__main__":

@@ -17,9 +17,15 @@ import urllib.request
 import pytest
 
 from .conftest import SAMPLES, shared
-from .daemon_helpers import DaemonProcess, drop, outputs, records, temp_files, wait_for
+from .daemon_helpers import DaemonProcess, drop, kill_leftovers, live_processes_in_group, outputs, records, temp_files, wait_for
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_outlives_its_test():
+    yield
+    kill_leftovers()
 
 
 def sha256(path) -> str:
@@ -34,6 +40,8 @@ def test_burst_with_sigkill_then_restart_processes_every_file_exactly_once(tmp_p
     wait_for(lambda: daemon.states().get("done", 0) >= 40, what="40 inputs done")
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait(30)
+    wait_for(lambda: not live_processes_in_group(daemon.proc.pid), timeout=15,
+             what="the decode workers to exit after their daemon was killed")
     killed_at = daemon.states()
     assert killed_at.get("done", 0) < 200, "the burst finished before the kill; the test proves nothing"
 
@@ -70,7 +78,8 @@ def test_a_file_written_slowly_is_not_taken_before_it_is_complete(tmp_path):
     record = json.loads(record_path.read_text())
     assert record["status"] == "ok" and record["input"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert len(outputs(daemon.out, ".sr.dcm")) == 1
-    assert daemon.states() == {"done": 1}
+    # outputs are written before the journal marks the input done
+    wait_for(lambda: daemon.states() == {"done": 1}, timeout=30, what="the journal to mark it done")
     assert daemon.stop() == 0
 
 

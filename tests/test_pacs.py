@@ -30,5 +30,6 @@ def test_srs_arrive_in_orthanc_in_the_source_study(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["srs_in_orthanc"] == len(dicoms)
     assert summary["sr_studies"] == summary["source_studies"]  # each SR in its source's study
+    assert summary["sends_failed_while_pacs_down"] == len(dicoms)  # queued, retried, then delivered
     assert summary["intruder_returncode"] != 0  # a calling AE not on the allow-list is rejected
     assert len(summary["inbox_files"]) == len(dicoms)  # and nothing it sent reached the inbox

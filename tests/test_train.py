@@ -201,12 +201,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (killed / "checkpoint.pt").exists():  # written atomically at the end of each epoch
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoint.pt").exists():  # written atomically at the end of each epoch
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     saved = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] < 3 and not (killed / "model.safetensors").exists(), "killed too late to test resume"
 

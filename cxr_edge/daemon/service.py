@@ -150,7 +150,7 @@ class Daemon:
                  selection.precision, selection.artifact, selection.reason)
         self.runner = runner
         return Pipeline(package, runner, self.cfg.out, workers=self.workers, max_batch=self.cfg.max_batch,
-                        max_delay_ms=self.cfg.max_delay_ms, write_sr=self.cfg.write_sr)
+                        max_delay_ms=self.cfg.max_delay_ms, write_sr=self.cfg.write_sr, log_names=False)
 
     def _reload(self) -> None:
         self.reload_requested.clear()
