@@ -471,3 +471,83 @@ def _print_summary(summary: dict, results) -> None:
         for r in failed:
             errors.add_row(r.item.relative.as_posix(), r.error["stage"], r.error["reason"])
         console.print(errors)
+
+
+def _int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers, e.g. 1,8,32") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("batch sizes must be >= 1")
+    return sizes
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Model package (default: the bundled demo model).")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="Repeat for several [default: both; one that cannot run here is listed as skipped].")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Repeat for several [default: all the package has].")
+@click.option("--batch-sizes", default="1,8", show_default=True, callback=_int_list, help="Model stage batch sizes.")
+@click.option("--mode", type=click.Choice(["all", "model", "e2e"]), default="all", show_default=True,
+              help="model: the model stage alone; e2e: the whole pipeline over INPUTS; all: both.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(0), help="Untimed model-stage iterations.")
+@click.option("--iterations", default=30, show_default=True, type=click.IntRange(2), help="Timed model-stage iterations.")
+@click.option("--duration", type=click.FloatRange(0.1), default=None, help="Seconds per model-stage run (instead of --iterations).")
+@click.option("--e2e-batch-size", default=8, show_default=True, type=click.IntRange(1, 256), help="Pipeline max batch.")
+@click.option("--passes", default=1, show_default=True, type=click.IntRange(1), help="End-to-end passes over INPUTS.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads (default: CPU cores).")
+@click.option("--no-sr", is_flag=True, help="End to end without writing DICOM SR.")
+@click.option("--cv-threshold", default=0.10, show_default=True, type=click.FloatRange(0),
+              help="Warn when the coefficient of variation is above this.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write the report as JSON to this file ('-': stdout, no tables).")
+def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, iterations, duration, e2e_batch_size,
+          passes, workers, threads, no_sr, cv_threshold, json_path):
+    """Latency percentiles, throughput and a per-stage split, like trtexec, on real INPUTS.
+
+    The model stage alone (per backend x precision x batch size), then the whole pipeline end to
+    end over INPUTS through the same code as `infer`, with each stage's isolated rate and the
+    model's achieved GFLOP/s against a GEMM rate measured in the same run.
+    """
+    from rich.console import Console
+
+    from .bench.report import print_report
+    from .bench.run import Settings, run_bench
+    from .errors import CxrEdgeError
+    from .manifest import ModelPackage
+    from .pipeline import quiet_dicom_warnings
+    from .sources import discover
+
+    quiet_dicom_warnings()
+    try:
+        items, _ = discover(list(inputs))
+        if not items:
+            _fail_usage("no input files found (looked for DICOM, PNG and JPEG files)")
+        package = ModelPackage.load(model_dir)
+    except CxrEdgeError as exc:
+        _fail_usage(str(exc))
+    available = {v.get("precision", k) for k, v in package.manifest["artifacts"].items()}
+    settings = Settings(backends=backends or ("onnxruntime", "tensorrt"),
+                        precisions=precisions or tuple(p for p in ("fp32", "fp16", "int8") if p in available),
+                        batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, duration=duration, mode=mode,
+                        e2e_batch_size=e2e_batch_size, workers=workers, threads=threads, passes=passes,
+                        write_sr=not no_sr, cv_threshold=cv_threshold)
+    status = Console(stderr=True)
+    try:
+        with status.status("benchmarking") as spinner:
+            report = run_bench(package, items, settings, progress=lambda m: (spinner.update(m), log.info("%s", m)))
+    except (CxrEdgeError, ValueError) as exc:
+        _fail_usage(str(exc))
+    if json_path == "-":
+        click.echo(json.dumps(report, indent=2))
+        return
+    if json_path:
+        from .outputs import atomic_write_json
+
+        atomic_write_json(Path(json_path), report)
+    print_report(report)

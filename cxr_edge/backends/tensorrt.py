@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 
 import numpy as np
 
@@ -39,6 +40,10 @@ class TensorRTBackend:
         self.max_batch = int(entry.get("profile", {}).get("max_batch", 1))
         self.engine = self.context = self.stream = None
         self._buffers: list = []
+        # True (cxr-edge bench): synchronize after each copy and the compute to time them apart,
+        # as trtexec's H2D / GPU compute / D2H split. Off in production: one sync per batch.
+        self.stage_timing = False
+        self.last_timings_ms: dict = {}
 
     def __enter__(self) -> "TensorRTBackend":
         import tensorrt as trt
@@ -98,6 +103,7 @@ class TensorRTBackend:
         from cuda.bindings import runtime as cudart
 
         outputs = []
+        timings = {"h2d": 0.0, "compute": 0.0, "d2h": 0.0}
         for start in range(0, len(batch), self.max_batch):  # larger batches run in profile-sized chunks
             part = batch[start : start + self.max_batch]
             n = len(part)
@@ -105,15 +111,33 @@ class TensorRTBackend:
             if not self.context.set_input_shape(self.input_name, (n, *self.sample_shape)):
                 raise RuntimeError(f"TensorRT refused input shape {(n, *self.sample_shape)}")
             kind = cudart.cudaMemcpyKind
+            t0 = time.perf_counter()
             _check(cudart.cudaMemcpyAsync(self.dev_in, self.host_in.ctypes.data, self.host_in[:n].nbytes,
                                           kind.cudaMemcpyHostToDevice, self.stream))
+            t1 = self._mark()
             if not self.context.execute_async_v3(self.stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
+            t2 = self._mark()
             _check(cudart.cudaMemcpyAsync(self.host_out.ctypes.data, self.dev_out, self.host_out[:n].nbytes,
                                           kind.cudaMemcpyDeviceToHost, self.stream))
             _check(cudart.cudaStreamSynchronize(self.stream))
+            t3 = time.perf_counter()
             outputs.append(self.host_out[:n].copy())
+            if self.stage_timing:
+                timings["h2d"] += (t1 - t0) * 1e3
+                timings["compute"] += (t2 - t1) * 1e3
+                timings["d2h"] += (t3 - t2) * 1e3
+            else:  # one sync per batch: the split is unknown, the total is not
+                timings["compute"] += (t3 - t0) * 1e3
+        self.last_timings_ms = timings if self.stage_timing else {"h2d": None, "compute": timings["compute"], "d2h": None}
         return np.concatenate(outputs)
+
+    def _mark(self) -> float:
+        if self.stage_timing:
+            from cuda.bindings import runtime as cudart
+
+            _check(cudart.cudaStreamSynchronize(self.stream))
+        return time.perf_counter()
 
     def describe(self) -> dict:
         return {"name": self.name, "precision": self.precision, "artifact": self.artifact_key,

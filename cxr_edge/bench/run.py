@@ -1,0 +1,114 @@
+"""Runs a whole benchmark: model stage for every backend x precision x batch size, then the
+pipeline end to end; returns the report (see README "cxr-edge bench" for its JSON fields)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import SCHEMA
+from .end_to_end import bench_end_to_end, decode_rate
+from .flops import gemm_rate, model_gflops_per_image
+from .machine import machine_report
+from .model_stage import bench_model, configs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    backends: tuple[str, ...] = ("onnxruntime", "tensorrt")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup: int = 5
+    iterations: int = 30
+    duration: float | None = None
+    mode: str = "all"  # model | e2e | all
+    e2e_batch_size: int = 8
+    workers: int | None = None
+    threads: int | None = None
+    passes: int = 1
+    write_sr: bool = True
+    cv_threshold: float = 0.10
+    sample_images: int = 16
+
+
+def sample_tensors(items, package, count: int) -> np.ndarray:
+    """Real preprocessed images for the model stage (the first `count` that decode)."""
+    from ..pipeline import prepare
+
+    tensors = []
+    for item in items:
+        prepared = prepare(item, package.preprocess_params, 1 << 28)
+        if prepared.error is None:
+            tensors.append(prepared.tensor)
+        if len(tensors) == count:
+            break
+    if not tensors:
+        raise ValueError("none of the inputs could be decoded, so there is nothing to benchmark")
+    return np.stack(tensors)
+
+
+def run_bench(package, items, settings: Settings, progress=lambda message: None) -> dict:
+    from ..pipeline import default_workers
+
+    workers = settings.workers or default_workers()
+    progress("decoding sample images")
+    tensors = sample_tensors(items, package, settings.sample_images)
+    progress("counting model FLOPs and measuring the GEMM reference")
+    reference = "fp32" if "fp32" in package.manifest["artifacts"] else next(iter(package.manifest["artifacts"]))
+    flops = model_gflops_per_image(package.read_verified(reference), tensors)
+    gemm = gemm_rate()
+    per_image = flops["gflops_per_image"]
+
+    def cpu_gemm(config):  # the reference is a CPU GEMM: meaningless for a GPU backend
+        return gemm["gflop_s"] if config.backend == "onnxruntime" else None
+
+    report = {
+        "schema": SCHEMA,
+        "machine": machine_report(),
+        "model": {"name": package.name, "version": package.version, "path": str(package.root),
+                  "architecture": package.manifest.get("architecture", {}).get("timm_name"),
+                  "input_shape": list(tensors.shape[1:]), **flops},
+        "gemm": gemm,
+        "settings": {**settings.__dict__, "workers": workers, "inputs": len(items)},
+        "model_stage": [], "end_to_end": [], "skipped": [],
+    }
+    runnable = []
+    for config in configs(package, settings.backends, settings.precisions):
+        if config.artifact is None:
+            report["skipped"].append({"backend": config.backend, "precision": config.precision, "reason": config.skipped})
+        else:
+            runnable.append(config)
+
+    model_rates = {}
+    if settings.mode in ("model", "all"):
+        for config in runnable:
+            for batch_size in settings.batch_sizes:
+                progress(f"model stage: {config.backend} {config.artifact}, batch {batch_size}")
+                result = bench_model(package, config, batch_size, tensors, warmup=settings.warmup,
+                                     iterations=settings.iterations, duration=settings.duration,
+                                     threads=settings.threads, cv_threshold=settings.cv_threshold,
+                                     gflops_per_image=per_image, gemm_gflop_s=cpu_gemm(config))
+                report["model_stage"].append(result)
+                model_rates[(config, batch_size)] = result["throughput_img_s"]
+
+    if settings.mode in ("e2e", "all"):
+        progress("decode + preprocess alone")
+        decode = decode_rate(items, package, workers)
+        for config in runnable:
+            if (config, settings.e2e_batch_size) not in model_rates:  # the model's isolated rate at this batch size
+                quick = bench_model(package, config, settings.e2e_batch_size, tensors, warmup=3, iterations=10,
+                                    duration=None, threads=settings.threads, cv_threshold=settings.cv_threshold,
+                                    gflops_per_image=per_image, gemm_gflop_s=cpu_gemm(config))
+                model_rates[(config, settings.e2e_batch_size)] = quick["throughput_img_s"]
+            progress(f"end to end: {config.backend} {config.artifact}, {len(items)} inputs x {settings.passes}")
+            report["end_to_end"].append(bench_end_to_end(
+                package, config, items, batch_size=settings.e2e_batch_size, workers=workers,
+                threads=settings.threads, passes=settings.passes, warmup_items=min(len(items), 2 * settings.e2e_batch_size),
+                write_sr=settings.write_sr, cv_threshold=settings.cv_threshold,
+                model_rate=model_rates[(config, settings.e2e_batch_size)], decode=decode,
+                gflops_per_image=per_image, gemm_gflop_s=cpu_gemm(config)))
+    return report
