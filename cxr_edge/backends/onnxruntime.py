@@ -35,7 +35,7 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only; ORT warnings are noise for users
         # Idle ORT threads spin by default, burning the cores the decode workers need: measured
-        # +20 % end to end for INT8 on 2 cores with spinning off (README, cxr-edge bench).
+        # +8-12 % end to end on 2 cores with spinning off (README, `cxr-edge bench --mode e2e`).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
