@@ -17,6 +17,7 @@ import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,17 @@ def prepare(item: InputItem, params, max_pixels: int) -> Prepared:
     return prepared
 
 
+def encode_sr(header, findings, identity) -> tuple[bytes, str, str, float]:
+    """Runs in a worker process: build the SR and encode it (~0.5 s of highdicom per SR, which
+    would otherwise hold up the batcher on the main thread). Writing it stays on the main thread."""
+    from .outputs import dicom_bytes
+    from .sr import build_sr
+
+    started = time.perf_counter()
+    sr = build_sr(header, findings, identity)
+    return dicom_bytes(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), (time.perf_counter() - started) * 1e3
+
+
 def quiet_dicom_warnings() -> None:
     """pydicom/highdicom warnings may quote header values (names, ages): keep them out of logs."""
     for module in ("pydicom", "highdicom"):
@@ -144,7 +156,18 @@ class DecodePool:
         return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=_init_worker)
 
     def submit(self, item: InputItem) -> Future:
-        return self._executor.submit(prepare, item, self.params, self.max_pixels)
+        return self._submit(prepare, item, self.params, self.max_pixels)
+
+    def submit_sr(self, header, findings, identity) -> Future:
+        return self._submit(encode_sr, header, findings, identity)
+
+    def _submit(self, fn, *args) -> Future:
+        try:
+            return self._executor.submit(fn, *args)
+        except BrokenProcessPool:  # a worker died after the last result was collected
+            log.warning("the worker pool is broken; starting a new one")
+            self.restart()
+            return self._executor.submit(fn, *args)
 
     def restart(self) -> None:
         # A broken pool's survivors may be blocked writing a result nobody reads: kill them, or
@@ -225,6 +248,13 @@ class Pipeline:
         }
         self.backend_info = backend.describe()
 
+    @cached_property
+    def identity(self):
+        """The model as the SR names it (imported on first use: PNG-only runs never load highdicom)."""
+        from .sr import ModelIdentity
+
+        return ModelIdentity(self.model_info["name"], self.model_info["version"], self.model_info["sha256"])
+
     def run(self, items: list[InputItem], on_result=None, pool: DecodePool | None = None) -> list[Result]:
         """Process every item; `on_result(result)` is called as each one finishes."""
         results = []
@@ -237,8 +267,19 @@ class Pipeline:
         own_pool = pool is None
         pool = pool or DecodePool(self.workers, self.package.preprocess_params)
         ready: list[tuple[Prepared, float]] = []
+        window = 2 * self.workers + self.max_batch
+        pending: dict[Future, tuple] = {}  # SRs being built in the pool
+
+        def run_batch(batch) -> None:
+            for result in self._run_batch(batch, pool, pending):
+                emit(result)
+            # back-pressure: when SRs are the bottleneck, wait for some before inferring more
+            while len(pending) > window:
+                for result in self._finish_srs(pending, block=True):
+                    emit(result)
+
         try:
-            for prepared in pool.prepared(items, window=2 * self.workers + self.max_batch, tick=self.max_delay):
+            for prepared in pool.prepared(items, window=window, tick=self.max_delay):
                 if prepared is not None:
                     if prepared.error:
                         emit(self._error(prepared, **prepared.error))
@@ -246,11 +287,14 @@ class Pipeline:
                         ready.append((prepared, time.perf_counter()))
                 while len(ready) >= self.max_batch or (ready and time.perf_counter() - ready[0][1] >= self.max_delay):
                     batch, ready = ready[: self.max_batch], ready[self.max_batch :]
-                    for result in self._run_batch(batch):
-                        emit(result)
+                    run_batch(batch)
+                for result in self._finish_srs(pending, block=False):
+                    emit(result)
             while ready:
                 batch, ready = ready[: self.max_batch], ready[self.max_batch :]
-                for result in self._run_batch(batch):
+                run_batch(batch)
+            while pending:
+                for result in self._finish_srs(pending, block=True):
                     emit(result)
         finally:
             if own_pool:
@@ -258,7 +302,8 @@ class Pipeline:
         return results
 
     # --- stages ---------------------------------------------------------------------------------
-    def _run_batch(self, batch: list[tuple[Prepared, float]]) -> list[Result]:
+    def _run_batch(self, batch: list[tuple[Prepared, float]], pool: DecodePool, pending: dict) -> list[Result]:
+        """Infer one batch; inputs without an SR are written now, the others go to `pending`."""
         from .findings import calibrated_probabilities, findings_for_row
 
         started = time.perf_counter()
@@ -282,29 +327,53 @@ class Pipeline:
             timings.update(split)
             timings["postprocess"] = postprocess_ms
             timings["batch_size"] = len(batch)
-            results.append(self._write(prepared, findings, timings))
+            if self.write_sr and prepared.dicom_header is not None:
+                pending[pool.submit_sr(prepared.dicom_header, findings, self.identity)] = (prepared, findings, timings)
+            else:
+                results.append(self._write(prepared, findings, timings))
         return results
 
-    def _write(self, prepared: Prepared, findings, timings: dict) -> Result:
-        from .outputs import atomic_write_bytes, atomic_write_json, dicom_bytes, output_stem
+    def _finish_srs(self, pending: dict, block: bool) -> list[Result]:
+        """Write the outputs of every input whose SR is ready (with `block`, wait for one)."""
+        from concurrent.futures import CancelledError
+
+        done = wait(pending, return_when=FIRST_COMPLETED)[0] if block else [f for f in pending if f.done()]
+        results = []
+        for future in done:
+            prepared, findings, timings = pending.pop(future)
+            try:
+                sr = future.result()
+            except (BrokenProcessPool, CancelledError):
+                log.warning("a worker died while building an SR; building it on the main thread")
+                results.append(self._write(prepared, findings, timings))
+                continue
+            except Exception as exc:  # an SR highdicom refuses: reported for this input only
+                results.append(self._error(prepared, "sr", f"cannot write outputs: {type(exc).__name__}: {exc}"))
+                continue
+            results.append(self._write(prepared, findings, timings, sr))
+        return results
+
+    def _write(self, prepared: Prepared, findings, timings: dict, sr: tuple | None = None) -> Result:
+        """Write the SR (encoded in a worker: `sr`; else built here), then the JSON.
+
+        `write` is the work of it: building the SR (wherever that ran) and writing the files;
+        time the SR spent queued in the pool shows in `end_to_end` only."""
+        from .outputs import atomic_write_bytes, atomic_write_json, output_stem
         from .records import findings_record
 
-        started = time.perf_counter()
+        started = time.perf_counter() - (sr[3] / 1e3 if sr else 0.0)
         stem = self.out_dir / output_stem(prepared.item.relative)
         json_path = stem.with_name(stem.name + ".json")
         record = findings_record(prepared, findings, self.model_info, self.backend_info, timings)
         outputs = {}
         try:
             if self.write_sr and prepared.dicom_header is not None:
-                from .sr import ModelIdentity, build_sr
-
+                data, sop_uid, series_uid, _ = sr or encode_sr(prepared.dicom_header, findings, self.identity)
                 sr_path = stem.with_name(stem.name + ".sr.dcm")
-                identity = ModelIdentity(self.model_info["name"], self.model_info["version"], self.model_info["sha256"])
-                sr = build_sr(prepared.dicom_header, findings, identity)
-                atomic_write_bytes(sr_path, dicom_bytes(sr))
+                atomic_write_bytes(sr_path, data)
                 outputs["sr"] = str(sr_path)
-                record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": str(sr.SOPInstanceUID),
-                                           "series_instance_uid": str(sr.SeriesInstanceUID)}
+                record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": sop_uid,
+                                           "series_instance_uid": series_uid}
             finished = time.perf_counter()
             record["timings_ms"]["write"] = round((finished - started) * 1e3, 3)
             if prepared.started_at is not None:  # decode start -> outputs written

@@ -31,10 +31,10 @@ def make_inbox(tmp_path, copies: int):
     return inbox
 
 
-def run_pipeline(package, inbox, out, **options):
+def run_pipeline(package, inbox, out, pool=None, **options):
     items, _ = discover([inbox])
     with create_backend(package, threads=1) as backend:
-        return Pipeline(package, backend, out, workers=2, **options).run(items)
+        return Pipeline(package, backend, out, workers=2, **options).run(items, pool=pool)
 
 
 def test_batches_fill_up_to_max_batch(package, tmp_path):
@@ -101,3 +101,39 @@ def test_decode_pool_prepares_every_item(package, tmp_path):
         assert all(p.error is None and p.tensor.shape[0] == 1 for p in prepared)
     finally:
         pool.close()
+
+
+
+def crashing_encode_sr(header, findings, identity):
+    os._exit(1)  # the worker building an SR dies (OOM kill)
+
+
+def test_srs_are_built_in_the_pool_and_here_when_the_pool_dies(package, tmp_path, monkeypatch, caplog):
+    """SRs are built in the worker pool, off the batcher's thread; if the pool dies under them,
+    they are built on the main thread instead, and every DICOM still gets a valid SR."""
+    import pydicom
+
+    from cxr_edge.sr import read_sr_findings
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("a.dcm", "b.dcm"):
+        shutil.copy(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm", inbox / name)
+    in_pool = run_pipeline(package, inbox, tmp_path / "pool")
+    assert "building it on the main thread" not in caplog.text
+    monkeypatch.setattr(DecodePool, "submit_sr", lambda self, *args: self._executor.submit(crashing_encode_sr, *args))
+    pool = DecodePool(2, package.preprocess_params)  # one pool for two runs, as the daemon does
+    try:
+        fallback = run_pipeline(package, inbox, tmp_path / "fallback", pool=pool)
+        assert "building it on the main thread" in caplog.text
+        monkeypatch.undo()
+        again = run_pipeline(package, inbox, tmp_path / "again", pool=pool)  # the broken pool is replaced
+    finally:
+        pool.close()
+    assert [r.status for r in again] == ["ok", "ok"]
+    for results in (in_pool, fallback):
+        assert [r.status for r in results] == ["ok", "ok"]
+        for result in results:
+            found = read_sr_findings(pydicom.dcmread(result.outputs["sr"]))
+            assert len(found) == 15
+            assert result.record["timings_ms"]["write"] > 0

@@ -56,12 +56,13 @@ def bench_end_to_end(package, config: Config, items, *, batch_size: int, workers
     throughput = count / elapsed
     stages = {stage: summarize(r["timings_ms"].get(stage) for r in records) for stage in STAGES}
     latency = summarize(r["timings_ms"].get("end_to_end") for r in records)
-    writes = [r["timings_ms"]["write"] + r["timings_ms"].get("postprocess", 0.0) / r["timings_ms"]["batch_size"]
-              for r in records]
+    # postprocess and JSON writes run on the main thread, one after another; SRs are built in
+    # the worker pool, `workers` at a time
+    writes = [(r["timings_ms"]["write"] / (workers if r["outputs"].get("sr") else 1))
+              + r["timings_ms"].get("postprocess", 0.0) / r["timings_ms"]["batch_size"] for r in records]
     isolated = {
         "decode_preprocess": decode["images_per_second"],
         "model": round(model_rate, 2) if model_rate else None,
-        # postprocess + write run on the main thread, one input after another
         "postprocess_write": round(1e3 * len(writes) / sum(writes), 2) if writes and sum(writes) > 0 else None,
     }
     rates = {k: v for k, v in isolated.items() if v}
