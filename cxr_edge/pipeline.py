@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -335,8 +335,6 @@ class Pipeline:
 
     def _finish_srs(self, pending: dict, block: bool) -> list[Result]:
         """Write the outputs of every input whose SR is ready (with `block`, wait for one)."""
-        from concurrent.futures import CancelledError
-
         done = wait(pending, return_when=FIRST_COMPLETED)[0] if block else [f for f in pending if f.done()]
         results = []
         for future in done:

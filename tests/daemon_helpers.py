@@ -27,17 +27,21 @@ def wait_for(predicate, timeout: float = 120.0, interval: float = 0.05, what: st
 STARTED: list["DaemonProcess"] = []
 
 
-def live_processes_in_group(pgid: int) -> list[int]:
-    """Pids in process group `pgid` that are still running (zombies do not count)."""
-    pids = []
+def live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process still running (zombies do not count)."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # exited while we looked
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
-    return pids
+        if fields[0] != "Z":
+            found.append((int(stat.parent.name), int(fields[1]), int(fields[2])))
+    return found
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def kill_leftovers() -> None:

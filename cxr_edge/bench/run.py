@@ -3,7 +3,6 @@ pipeline end to end; returns the report (see README "cxr-edge bench" for its JSO
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +12,6 @@ from .end_to_end import bench_end_to_end, decode_rate
 from .flops import gemm_rate, model_gflops_per_image
 from .machine import machine_report
 from .model_stage import bench_model, configs
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,11 +34,12 @@ class Settings:
 
 def sample_tensors(items, package, count: int) -> np.ndarray:
     """Real preprocessed images for the model stage (the first `count` that decode)."""
+    from ..decode import DEFAULT_MAX_PIXELS
     from ..pipeline import prepare
 
     tensors = []
     for item in items:
-        prepared = prepare(item, package.preprocess_params, 1 << 28)
+        prepared = prepare(item, package.preprocess_params, DEFAULT_MAX_PIXELS)
         if prepared.error is None:
             tensors.append(prepared.tensor)
         if len(tensors) == count:
