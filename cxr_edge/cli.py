@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .limits import MIN_SIDE
 
 log = logging.getLogger("cxr_edge")
 
@@ -60,13 +61,17 @@ def _fail_usage(message: str) -> None:
 @click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads (default: CPU cores).")
 @click.option("--no-sr", is_flag=True, help="Do not write DICOM SR for DICOM inputs.")
+@click.option("--min-side", default=MIN_SIDE, show_default=True, type=click.IntRange(1),
+              help="Refuse images with fewer pixels than this on a side (thumbnails, icons).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable run summary on stdout.")
-def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, no_sr, as_json):
+def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, no_sr, min_side,
+          as_json):
     """Find chest X-ray findings in INPUTS (files or folders, recursive).
 
     Writes OUT/<input path>.json for every input (an error record if it failed), a DICOM SR
     OUT/<input path>.sr.dcm for every DICOM input, and OUT/summary.jsonl for the run.
-    Exit status: 0 all inputs succeeded, 1 some failed, 2 usage or configuration error.
+    Exit status: 0 every input succeeded with all its outputs, 1 some failed or got findings
+    without their SR, 2 usage or configuration error.
     """
     from .backends import create_backend, select_backend
     from .errors import CxrEdgeError
@@ -93,7 +98,7 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
 
     workers = workers or default_workers()
     # The decode processes are forked before the backend starts its threads.
-    pool = DecodePool(workers, package.preprocess_params)
+    pool = DecodePool(workers, package.preprocess_params, min_side=min_side)
     try:
         try:
             runner = create_backend(package, selection.backend, selection.precision, selection.artifact, threads=threads)
@@ -111,17 +116,19 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     finally:
         pool.close()
 
-    from .outputs import atomic_write_bytes
+    from .outputs import atomic_write_bytes, strict_json
     from .records import summary_line
 
     results.sort(key=lambda r: r.item.relative.as_posix())  # completion order varies run to run
     lines = [summary_line(r.record, r.outputs) for r in results]
     summary_path = out / "summary.jsonl"
-    atomic_write_bytes(summary_path, "".join(json.dumps(line) + "\n" for line in lines).encode())
+    atomic_write_bytes(summary_path, "".join(strict_json(line) + "\n" for line in lines).encode())
     failed = [r for r in results if r.status != "ok"]
+    without_sr = [r for r in results if r.status == "ok" and r.record.get("sr_error")]
     summary = {
         "inputs": len(results),
         "succeeded": len(results) - len(failed),
+        "succeeded_without_sr": len(without_sr),  # findings written, the SR could not be (a subset of succeeded)
         "failed": len(failed),
         "skipped": len(skipped),
         "seconds": round(elapsed, 3),
@@ -132,10 +139,10 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
         "results": lines,
     }
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(strict_json(summary, indent=2))
     else:
         _print_summary(summary, results)
-    sys.exit(EXIT_SOME_FAILED if failed else EXIT_OK)
+    sys.exit(EXIT_SOME_FAILED if failed or without_sr else EXIT_OK)
 
 
 @main.command()
@@ -358,13 +365,15 @@ def _print_build(report: dict) -> None:
 @click.option("--processed-dir", type=click.Path(file_okay=False), default=None,
               help="With --disposition move [default: STATE_DIR/processed]: done/ and failed/ below it.")
 @click.option("--no-sr", is_flag=True, help="Do not write DICOM SR.")
+@click.option("--min-side", default=MIN_SIDE, show_default=True, type=click.IntRange(1),
+              help="Refuse images with fewer pixels than this on a side (thumbnails, icons).")
 @click.option("--listen", default=None, metavar="AE@HOST:PORT", help="Run a DICOM C-STORE SCP into the inbox.")
 @click.option("--allow", "allowed", multiple=True, metavar="AE", help="Calling AE titles the SCP accepts (repeat).")
 @click.option("--send-to", default=None, metavar="AE@HOST:PORT", help="C-STORE every SR to this PACS (retried).")
 @click.option("--calling-ae", default="CXREDGE", show_default=True, help="Our AE title when sending.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Prometheus /metrics on 127.0.0.1.")
 def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, settle,
-          max_attempts, disposition, processed_dir, no_sr, listen, allowed, send_to, calling_ae, metrics_port):
+          max_attempts, disposition, processed_dir, no_sr, min_side, listen, allowed, send_to, calling_ae, metrics_port):
     """Watch INBOX (and optionally receive DICOM) and process every input exactly once, as a service.
 
     SIGTERM / SIGINT: finish the in-flight batch, exit 0. SIGHUP: reload the model package.
@@ -385,6 +394,7 @@ def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, 
                        max_delay_ms=max_delay_ms, workers=workers, threads=threads, settle=settle,
                        max_attempts=max_attempts, disposition=disposition,
                        processed_dir=Path(processed_dir) if processed_dir else None, write_sr=not no_sr,
+                       min_side=min_side,
                        listen=listen_peer, allowed_callers=list(allowed), send_to=send_peer, calling_ae=calling_ae,
                        metrics_port=metrics_port)
     try:
@@ -420,6 +430,7 @@ def status(state_dir, out_dir, as_json):
     table = Table(title=f"cxr-edge status ({report['journal']})", show_header=False)
     for state, count in report["inputs"].items():
         table.add_row(f"inputs {state}", str(count))
+    table.add_row("  of which done without SR", str(report["done_without_sr"]))
     for state, count in report["sends"].items():
         table.add_row(f"SR sends {state}", str(count))
     table.add_row("done, last minute", str(report["throughput_per_minute"]["last_minute"]))
@@ -456,20 +467,21 @@ def _print_summary(summary: dict, results) -> None:
 
     console = Console(stderr=True)
     table = Table(title="cxr-edge infer", show_header=False)
-    for key in ("inputs", "succeeded", "failed", "skipped", "seconds", "images_per_second"):
+    for key in ("inputs", "succeeded", "succeeded_without_sr", "failed", "skipped", "seconds", "images_per_second"):
         table.add_row(key.replace("_", " "), str(summary[key]))
     positives = Counter(label for r in results if r.status == "ok" for label in r.record["positive_findings"])
     if positives:
         table.add_row("positive findings", ", ".join(f"{k} {v}" for k, v in positives.most_common()))
     table.add_row("summary file", summary["summary_file"])
     console.print(table)
-    failed = [r for r in results if r.status != "ok"]
-    if failed:
-        errors = Table(title="failed inputs")
+    problems = [(r, r.error) for r in results if r.status != "ok"]
+    problems += [(r, r.record["sr_error"]) for r in results if r.status == "ok" and r.record.get("sr_error")]
+    if problems:
+        errors = Table(title="failed inputs, and findings written without their SR (stage sr)")
         for column in ("input", "stage", "reason"):
             errors.add_column(column, overflow="fold")
-        for r in failed:
-            errors.add_row(r.item.relative.as_posix(), r.error["stage"], r.error["reason"])
+        for r, error in problems:
+            errors.add_row(r.item.relative.as_posix(), error["stage"], error["reason"])
         console.print(errors)
 
 

@@ -67,7 +67,7 @@ def logits_for(items: list[InputItem], package, backend, batch_size: int = 8, wo
     """(logits [n_ok, L], index of each ok item, [(item, reason)] for failures), in input order."""
     from .pipeline import DecodePool, default_workers
 
-    pool = DecodePool(workers or default_workers(), package.preprocess_params)
+    pool = DecodePool(workers or default_workers(), package.preprocess_params, min_side=0)  # a site's labeled set: its own choice
     position = {str(item.path): i for i, item in enumerate(items)}  # items come back pickled
     tensors, failures = {}, []
     try:

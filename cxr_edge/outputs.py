@@ -24,12 +24,27 @@ def output_stem(relative: PurePath) -> PurePath:
     return PurePath(*(sanitize_component(part) for part in relative.parts))
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux /proc; else set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide results from the PACS bridge / other readers
+        # mkstemp makes 0600; give what open() would (0666 less the umask), so a site's UMask
+        # (the unit sets 0027) decides who may read results that carry patient data (the SR).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -40,8 +55,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def strict_json(obj, **kwargs) -> str:
+    """JSON as RFC 8259 defines it: NaN or Infinity raise ValueError instead of being written."""
+    return json.dumps(obj, allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (strict_json(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def dicom_bytes(dataset) -> bytes:

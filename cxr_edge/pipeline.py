@@ -65,16 +65,17 @@ def _file_sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def prepare(item: InputItem, params, max_pixels: int) -> Prepared:
+def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0) -> Prepared:
     """Runs in a worker process: hash, decode, preprocess one input."""
-    from .decode import decode_file
+    from .decode import decode_file, require_regular_file
     from .preprocess import preprocess
 
     prepared = Prepared(item, started_at=time.perf_counter())
     try:
         t0 = prepared.started_at  # decode includes reading and hashing the file
+        require_regular_file(item.path)  # before hashing: a FIFO would block the worker for ever
         prepared.sha256, prepared.size_bytes = _file_sha256(item.path)
-        decoded = decode_file(item.path, max_pixels=max_pixels)
+        decoded = decode_file(item.path, max_pixels=max_pixels, min_side=min_side)
         t1 = time.perf_counter()
         prepared.tensor = preprocess(decoded.pixels, params)
         t2 = time.perf_counter()
@@ -88,7 +89,8 @@ def prepare(item: InputItem, params, max_pixels: int) -> Prepared:
         prepared.error = {"stage": "decode", "reason": "out of memory while decoding"}
         return prepared
     except Exception as exc:  # a decoder bug must not take the run down
-        prepared.error = {"stage": "decode", "reason": f"unexpected {type(exc).__name__}: {exc}"}
+        # its message may quote header values: the reason names the exception type only
+        prepared.error = {"stage": "decode", "reason": f"unexpected {type(exc).__name__} while decoding"}
         return prepared
     prepared.format, prepared.info, prepared.dicom_header = decoded.format, decoded.info, decoded.dicom_header
     prepared.timings_ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
@@ -106,11 +108,32 @@ def encode_sr(header, findings, identity) -> tuple[bytes, str, str, float]:
     return dicom_bytes(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), (time.perf_counter() - started) * 1e3
 
 
+def sr_failure(exc: BaseException) -> str:
+    """Why an SR could not be made, in words that name attributes, never their values: our own
+    errors are worded that way; a library's message may quote a header value, so only its type."""
+    from .errors import CxrEdgeError
+
+    if isinstance(exc, CxrEdgeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot write the SR: {exc.strerror or type(exc).__name__}"
+    return f"cannot build the SR ({type(exc).__name__})"
+
+
 def quiet_dicom_warnings() -> None:
-    """pydicom/highdicom warnings may quote header values (names, ages): keep them out of logs."""
-    for module in ("pydicom", "highdicom"):
-        warnings.filterwarnings("ignore", module=module)
-        logging.getLogger(module).setLevel(logging.ERROR)
+    """pydicom/highdicom warnings and log records quote header values (a malformed birth date, a
+    name) and file paths: none may reach a log. A filter by module is not enough (pydicom
+    attributes its warnings to the caller's frame), so every warning is dropped in the runtime's
+    processes, and those libraries' loggers are silenced; what they warn about is checked by
+    our own code, which reports attribute names instead."""
+    import pydicom.config
+
+    warnings.simplefilter("ignore")
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    for module in ("pydicom", "highdicom", "PIL"):  # PIL logs EXIF / PNG text chunks at DEBUG
+        logger = logging.getLogger(module)
+        logger.setLevel(logging.CRITICAL + 1)
+        logger.propagate = False
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -143,10 +166,11 @@ class DecodePool:
     its neighbours still get processed.
     """
 
-    def __init__(self, workers: int, params, max_pixels: int | None = None):
-        from .decode import DEFAULT_MAX_PIXELS
+    def __init__(self, workers: int, params, max_pixels: int | None = None, min_side: int | None = None):
+        from .decode import DEFAULT_MAX_PIXELS, MIN_SIDE
 
         self.workers, self.params, self.max_pixels = workers, params, max_pixels or DEFAULT_MAX_PIXELS
+        self.min_side = MIN_SIDE if min_side is None else min_side
         # fork before any backend threads exist is safe and fast; fall back where unavailable
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self._context = multiprocessing.get_context(method)
@@ -156,7 +180,7 @@ class DecodePool:
         return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=_init_worker)
 
     def submit(self, item: InputItem) -> Future:
-        return self._submit(prepare, item, self.params, self.max_pixels)
+        return self._submit(prepare, item, self.params, self.max_pixels, self.min_side)
 
     def submit_sr(self, header, findings, identity) -> Future:
         return self._submit(encode_sr, header, findings, identity)
@@ -316,10 +340,16 @@ class Pipeline:
         # the backend's own split (h2d / compute / d2h); None where it does not apply (CPU)
         split = {k: v for k, v in (getattr(self.backend, "last_timings_ms", None) or {}).items() if v is not None}
         probabilities = calibrated_probabilities(logits, self.temperatures)
-        rows = [findings_for_row(self.labels, row, self.thresholds) for row in probabilities]
+        # A probability outside [0, 1] or NaN is not a result (and not valid JSON): that input fails.
+        sane = np.isfinite(probabilities).all(axis=1) & (probabilities >= 0).all(axis=1) & (probabilities <= 1).all(axis=1)
+        rows = [findings_for_row(self.labels, row, self.thresholds) if ok else None for row, ok in zip(probabilities, sane)]
         postprocess_ms = (time.perf_counter() - inferred) * 1e3
         results = []
         for (prepared, arrived), findings in zip(batch, rows):
+            if findings is None:
+                results.append(self._error(prepared, "inference", "the model produced non-finite probabilities "
+                                                                  "(NaN or infinity) for this image"))
+                continue
             # batch stages are the batch's times: each of its inputs waits for all of it
             timings = dict(prepared.timings_ms)
             timings["queue"] = (started - arrived) * 1e3
@@ -345,17 +375,20 @@ class Pipeline:
                 log.warning("a worker died while building an SR; building it on the main thread")
                 results.append(self._write(prepared, findings, timings))
                 continue
-            except Exception as exc:  # an SR highdicom refuses: reported for this input only
-                results.append(self._error(prepared, "sr", f"cannot write outputs: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # an SR that cannot be built: the findings are written all the same
+                results.append(self._write(prepared, findings, timings, sr_error=sr_failure(exc)))
                 continue
             results.append(self._write(prepared, findings, timings, sr))
         return results
 
-    def _write(self, prepared: Prepared, findings, timings: dict, sr: tuple | None = None) -> Result:
+    def _write(self, prepared: Prepared, findings, timings: dict, sr: tuple | None = None,
+               sr_error: str | None = None) -> Result:
         """Write the SR (encoded in a worker: `sr`; else built here), then the JSON.
 
-        `write` is the work of it: building the SR (wherever that ran) and writing the files;
-        time the SR spent queued in the pool shows in `end_to_end` only."""
+        The findings never depend on the SR: when it cannot be built or written, the JSON is
+        written all the same and records why (`sr_error`). `write` is the work of it: building the
+        SR (wherever that ran) and writing the files; time the SR spent queued in the pool shows
+        in `end_to_end` only."""
         from .outputs import atomic_write_bytes, atomic_write_json, output_stem
         from .records import findings_record
 
@@ -364,28 +397,33 @@ class Pipeline:
         json_path = stem.with_name(stem.name + ".json")
         record = findings_record(prepared, findings, self.model_info, self.backend_info, timings)
         outputs = {}
-        try:
-            if self.write_sr and prepared.dicom_header is not None:
+        if self.write_sr and prepared.dicom_header is not None and sr_error is None:
+            sr_path = stem.with_name(stem.name + ".sr.dcm")
+            try:
                 data, sop_uid, series_uid, _ = sr or encode_sr(prepared.dicom_header, findings, self.identity)
-                sr_path = stem.with_name(stem.name + ".sr.dcm")
                 atomic_write_bytes(sr_path, data)
                 outputs["sr"] = str(sr_path)
                 record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": sop_uid,
                                            "series_instance_uid": series_uid}
-            finished = time.perf_counter()
-            record["timings_ms"]["write"] = round((finished - started) * 1e3, 3)
-            if prepared.started_at is not None:  # decode start -> outputs written
-                record["timings_ms"]["end_to_end"] = round((finished - prepared.started_at) * 1e3, 3)
+            except Exception as exc:  # highdicom refusing the content, a full disk
+                sr_error = sr_failure(exc)
+        if sr_error is not None:
+            record["sr_error"] = {"stage": "sr", "reason": sr_error}
+        finished = time.perf_counter()
+        record["timings_ms"]["write"] = round((finished - started) * 1e3, 3)
+        if prepared.started_at is not None:  # decode start -> outputs written
+            record["timings_ms"]["end_to_end"] = round((finished - prepared.started_at) * 1e3, 3)
+        try:
             # The JSON goes last: its presence marks a complete set of outputs.
             atomic_write_json(json_path, record)
-            outputs["json"] = str(json_path)
-        except Exception as exc:  # disk full, read-only, an SR highdicom refuses: report, go on
-            stage = "write" if isinstance(exc, OSError) else "sr"
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        except (OSError, ValueError) as exc:  # disk full, read-only: report, go on
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             for path in outputs.values():  # no half set of outputs: all or nothing
                 Path(path).unlink(missing_ok=True)
-            return self._error(prepared, stage, f"cannot write outputs: {reason}")
-        return Result(prepared.item, "ok", record, {"json": outputs.pop("json"), **outputs})
+            return self._error(prepared, "write", f"cannot write outputs: {reason}")
+        if sr_error is not None and self.log_names:
+            log.warning("%s: findings written, SR not: %s", prepared.item.relative.as_posix(), sr_error)
+        return Result(prepared.item, "ok", record, {"json": str(json_path), **outputs})
 
     def _error(self, prepared: Prepared, stage: str, reason: str) -> Result:
         from .outputs import atomic_write_json, output_stem

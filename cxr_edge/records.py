@@ -1,7 +1,7 @@
 """The per-input JSON record (schema cxr-edge/findings v1) and the run summary line.
 
-Only identifiers leave the image: DICOM UIDs, file path and sha256. No names, dates or other
-patient attributes are written to JSON or logs.
+Only identifiers leave the image: DICOM UIDs (each checked to be a valid UID, else null), file
+path and sha256. No names, dates or other patient attributes are written to JSON or logs.
 """
 
 from __future__ import annotations
@@ -36,9 +36,17 @@ def input_section(prepared) -> dict:
 
 
 def dicom_section(header) -> dict | None:
+    """The source's UIDs; one that is not a valid UID is null (it could hold any text) and named
+    under `invalid_uids`."""
+    from .dicom_header import valid_uid
+
     if header is None:
         return None
-    return {key: str(header.get(tag, "")) or None for key, tag in DICOM_UID_KEYS.items()}
+    section = {key: valid_uid(header.get(tag)) for key, tag in DICOM_UID_KEYS.items()}
+    invalid = [key for key, tag in DICOM_UID_KEYS.items() if header.get(tag) and section[key] is None]
+    if invalid:
+        section["invalid_uids"] = invalid
+    return section
 
 
 def base_record(prepared, model: dict, backend: dict) -> dict:
@@ -87,6 +95,8 @@ def summary_line(record: dict, outputs: dict) -> dict:
         line["no_finding"] = record["no_finding"]["positive"]
         if record["dicom"]:
             line["sop_instance_uid"] = record["dicom"]["sop_instance_uid"]
+        if record.get("sr_error"):
+            line["sr_error"] = record["sr_error"]
     else:
         line["error"] = record["error"]
     return line

@@ -4,8 +4,8 @@ One measurement group (TID 1501) per finding: the calibrated probability as a NU
 (DCM 122157 "Probability", UCUM "1") and Present/Absent as a qualitative evaluation.
 highdicom builds the tree and refuses invalid content at construction time. Of the
 source image only the identifiers and the Patient / General Study attributes that the
-SR IOD requires are carried over. Only the header is needed: read the source with
-``stop_before_pixels=True``.
+SR IOD requires are carried over, each value validated first (cxr_edge.sr_source). Only the
+header is needed: read the source with ``stop_before_pixels=True``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import pydicom
-from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from cxr_edge.findings import Finding
 from cxr_edge.labels import LABELS
+from cxr_edge.sr_source import SRSourceError, describe, validated_source_header
 
 log = logging.getLogger(__name__)
 MANUFACTURER = "cxr-edge"
@@ -80,26 +80,8 @@ PROCEDURE_REPORTED = Code("399208008", "SCT", "Plain chest X-ray")
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent
 
-# What the SR takes from the source. Identifiers to reference it and to join its
-# study (Type 1), the Type 2 attributes of the Patient and General Study modules
-# (written empty if the source lacks them), and the 1C/2C Patient attributes that
-# are required for an animal patient (kept only if present). Type 3 attributes
-# such as Patient's Age or Additional Patient History are deliberately left out:
-# highdicom would copy every Patient/Study attribute it finds, and a malformed
-# optional value (e.g. Patient's Age "62") would make the SR itself invalid.
-_SOURCE_IDENTIFIERS = (
-    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
-)  # fmt: skip
-_SOURCE_TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)  # fmt: skip
-_SOURCE_IF_PRESENT = (
-    "SpecificCharacterSet",  # to decode the copied names
-    "PatientSpeciesDescription", "PatientSpeciesCodeSequence",
-    "PatientBreedDescription", "PatientBreedCodeSequence", "BreedRegistrationSequence",
-    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
-)  # fmt: skip
+# What the SR takes from the source: see cxr_edge.sr_source (identifiers, the Type 2 Patient /
+# General Study attributes, the animal-patient 1C/2C ones), each value validated first.
 
 
 @dataclass(frozen=True)
@@ -117,7 +99,11 @@ def build_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> pydicom.Dataset:
-    """Comprehensive SR in the source's study, in a new series, UNVERIFIED."""
+    """Comprehensive SR in the source's study, in a new series, UNVERIFIED.
+
+    Raises ValueError for findings without a code, SRSourceError for a source no SR can be
+    built from (an invalid UID) or content highdicom refuses; no message quotes a header value.
+    """
     labels = [f.label for f in findings]
     unknown = set(labels) - set(FINDING_CODES)
     if unknown:
@@ -125,6 +111,31 @@ def build_sr(
     if len(set(labels)) != len(labels):
         raise ValueError(f"duplicate finding labels in {labels}")
 
+    header, changed = validated_source_header(source)
+    if changed:
+        log.info("SR for %s: source attribute(s) dropped or normalised: %s",
+                 header.SOPInstanceUID, ", ".join(describe(kw) for kw in changed))
+    # highdicom's exceptions and warnings quote the values they refuse (a Patient's Name, a
+    # date): neither may escape. Warnings are recorded and logged by category only;
+    # exceptions become an SRSourceError naming the type. Not chained (`from None`): a
+    # process pool would format the cause's message into the traceback it sends back.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sr = _build(header, findings, model, series_instance_uid, sop_instance_uid)
+        except Exception as exc:  # noqa: BLE001
+            failure = type(exc).__name__
+        else:
+            failure = None
+    if failure is not None:
+        raise SRSourceError(f"highdicom refused the SR content: {failure}") from None
+    for warning in caught:
+        log.debug("SR for %s: highdicom %s (message withheld: may quote patient data)",
+                  header.SOPInstanceUID, warning.category.__name__)
+    return sr
+
+
+def _build(header, findings, model, series_instance_uid, sop_instance_uid) -> pydicom.Dataset:
     # The device observer is the algorithm; its UID is derived from the model's
     # identity (name, version, weights' digest) so that every report made by the
     # same model names the same device.
@@ -140,27 +151,17 @@ def build_sr(
             observer_identifying_attributes=device,
         )
     )
-
-    groups = [_measurement_group(source, f, model) for f in findings]
+    groups = [_measurement_group(header, f, model) for f in findings]
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=groups,
     )
-    # highdicom's warnings quote header values (a malformed Patient's Name, say): they must
-    # not reach the logs, which carry no patient data beyond UIDs.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sr = _comprehensive_sr(source, report, model, series_instance_uid, sop_instance_uid)
-    for warning in caught:
-        log.debug("SR for %s: highdicom %s (message withheld: may quote patient data)",
-                  source.SOPInstanceUID, warning.category.__name__)
-    return sr
-
-
-def _comprehensive_sr(source, report, model, series_instance_uid, sop_instance_uid) -> pydicom.Dataset:
     return hd.sr.ComprehensiveSR(
-        evidence=[_source_header(source)],
+        # Only the validated header: highdicom copies the Patient / Study attributes it
+        # finds in the first evidence dataset, and its Specific Character Set (UTF-8 when
+        # any copied value is not ASCII, else none: the default repertoire).
+        evidence=[header],
         content=report,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=SERIES_NUMBER,
@@ -176,22 +177,8 @@ def _comprehensive_sr(source, report, model, series_instance_uid, sop_instance_u
     )
 
 
-def _source_header(source: pydicom.Dataset) -> Dataset:
-    """The part of the source header the SR may carry (see _SOURCE_* above)."""
-    missing = [kw for kw in _SOURCE_IDENTIFIERS if not source.get(kw)]
-    if missing:
-        raise ValueError(f"source image lacks {missing}")
-    header = Dataset()
-    for keyword in _SOURCE_IDENTIFIERS + _SOURCE_TYPE2 + _SOURCE_IF_PRESENT:
-        if keyword in source:
-            header[keyword] = source[keyword]
-        elif keyword in _SOURCE_TYPE2:
-            setattr(header, keyword, None)  # Type 2: present, empty
-    return header
-
-
 def _measurement_group(
-    source: pydicom.Dataset, finding: Finding, model: ModelIdentity
+    header: pydicom.Dataset, finding: Finding, model: ModelIdentity
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     code = FINDING_CODES[finding.label]
     # Algorithm parameters are free text (DCM 111002), the one place TID 4019
@@ -207,7 +194,7 @@ def _measurement_group(
         value=finding.probability,
         unit=codes.UCUM.NoUnits,
         algorithm_id=algorithm,
-        referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(source)],
+        referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(header)],
     )
     presence = hd.sr.QualitativeEvaluation(
         name=code, value=PRESENT if finding.positive else ABSENT
@@ -220,7 +207,7 @@ def _measurement_group(
         algorithm_id=algorithm,  # at group level it also covers Present/Absent
         measurements=[probability],
         qualitative_evaluations=[presence],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
     )
 
 

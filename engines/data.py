@@ -67,7 +67,7 @@ def load_tensors(images: ImageSet, params, workers: int | None = None) -> tuple[
 
     items = [InputItem(p.absolute(), Path(p.name)) for p in images.paths]
     workers = workers or default_workers()
-    pool = DecodePool(workers, params)
+    pool = DecodePool(workers, params, min_side=0)  # thumbnails are fine for calibration: no minimum size
     tensors: dict[str, np.ndarray] = {}
     try:
         for prepared in pool.prepared(items, window=4 * workers):

@@ -86,13 +86,23 @@ def save(ds, path: Path) -> Path:
     return path
 
 
+def encoder_for(syntax) -> str:
+    """pydicom's encoder plugin for `syntax`, never GDCM: with python-gdcm installed pydicom
+    prefers it for RLE, and GDCM aborts the process on some images (an uncaught C++ exception
+    in its RLE codec on the canine DX). RLE: pylibjpeg-rle; JPEG-LS: pyjpegls; J2K: openjpeg."""
+    from pydicom.pixels.encoders.base import get_encoder
+
+    plugins = get_encoder(syntax).available_plugins
+    return next(name for name in ("pylibjpeg", "pyjpegls", "pydicom") if name in plugins)
+
+
 def reencode(src: Path, dst: Path, syntax) -> Path:
     """`src` re-saved in transfer syntax `syntax` (compressed ones via pydicom's encoders)."""
     from pydicom.uid import ExplicitVRBigEndian
 
     ds = read(src)
     if syntax.is_compressed:
-        ds.compress(syntax)  # RLE (pylibjpeg-rle / pydicom), JPEG-LS (pyjpegls), J2K (openjpeg)
+        ds.compress(syntax, encoding_plugin=encoder_for(syntax))
         return save(ds, dst)
     if syntax == ExplicitVRBigEndian:
         import pydicom

@@ -62,7 +62,9 @@ class DaemonProcess:
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.log_path = root / f"daemon-{time.monotonic_ns()}.log"
         self.args = [sys.executable, "-m", "cxr_edge", "watch", str(self.inbox), "--out", str(self.out),
-                     "--settle", "0.5", "--workers", "2", *map(str, extra)]
+                     "--settle", "0.5", "--workers", "2",
+                     "--min-side", "32",  # the bursts use NIH's 64 px thumbnails (fast), below the default 128
+                     *map(str, extra)]
         self.env = {**os.environ, **(env or {})}
         self.proc = None
 

@@ -437,13 +437,13 @@ def _testdata(name: str):
 
 
 @pytest.mark.parametrize("name,phrase", [
-    ("CT_small.dcm", "modality CT is not a projection radiograph"),
-    ("MR_small.dcm", "modality MR is not a projection radiograph"),
+    ("CT_small.dcm", "modality CT is not accepted for chest analysis (accepted: CR, DX, RG)"),
+    ("MR_small.dcm", "modality MR is not accepted for chest analysis"),
     ("DICOMDIR", "DICOMDIR"),
-    ("test-SR.dcm", "no pixel data: a Comprehensive SR Storage object"),
-    ("reportsi.dcm", "no pixel data: a Basic Text SR Storage object"),
+    ("test-SR.dcm", "no pixel data: the object is Comprehensive SR Storage, not an image"),
+    ("reportsi.dcm", "no pixel data: the object is Basic Text SR Storage, not an image"),
     ("waveform_ecg.dcm", "no pixel data"),
-    ("SC_rgb_jpeg_gdcm.dcm", "not a projection radiograph"),
+    ("SC_rgb_jpeg_gdcm.dcm", "modality OT is not accepted for chest analysis"),
 ])
 def test_refuses_non_radiograph_dicom(name, phrase):
     assert phrase in refusal(_testdata(name))
@@ -463,7 +463,7 @@ def test_refuses_sr_written_by_pydicom(tmp_path):
     ds.ValueType = "CONTAINER"
     path = tmp_path / "sr.dcm"
     ds.save_as(path, enforce_file_format=True)
-    assert "no pixel data: a Basic Text SR Storage object" in refusal(path)
+    assert "no pixel data: the object is Basic Text SR Storage, not an image" in refusal(path)
 
 
 def test_refuses_multiframe(tmp_path):

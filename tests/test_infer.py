@@ -86,7 +86,7 @@ def test_mixed_folder_reports_each_bad_file(tmp_path):
     assert (summary["inputs"], summary["succeeded"], summary["failed"], summary["skipped"]) == (7, 2, 5, 1)
     errors = {line["input"]: line["error"] for line in summary["results"] if line["status"] == "error"}
     expected = {
-        "inbox/ct_slice.dcm": ("decode", "modality CT is not a projection radiograph"),
+        "inbox/ct_slice.dcm": ("decode", "modality CT is not accepted for chest analysis"),
         "inbox/truncated.dcm": ("decode", "truncated DICOM file"),
         "inbox/notes.dcm": ("decode", "not a DICOM file"),
         "inbox/DICOMDIR": ("decode", "DICOMDIR"),
@@ -159,3 +159,19 @@ def test_shared_data_end_to_end_with_valid_srs(tmp_path):
         for label, (probability, present) in found.items():
             assert probability == pytest.approx(expected[label]["probability"], abs=1e-6)
             assert present == expected[label]["positive"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o027, 0o640), (0o077, 0o600)])
+def test_outputs_follow_the_umask(tmp_path, umask, mode):
+    """Results carry patient data (the SR): who may read them is the site's umask, not ours."""
+    import os
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge", "infer", str(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: os.umask(umask))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.name for p in files} == {"rsna_cr_pa_jpeg_baseline_mono2.dcm.json",
+                                       "rsna_cr_pa_jpeg_baseline_mono2.dcm.sr.dcm", "summary.jsonl"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: mode for p in files}

@@ -58,10 +58,10 @@ def test_identical_inputs_give_identical_findings_whatever_the_batch(package, tm
 _real_prepare = pipeline_module.prepare
 
 
-def crashing_prepare(item, params, max_pixels):
+def crashing_prepare(item, *args):
     if item.path.name == "crash.png":
         os._exit(1)  # what a segfaulting decoder looks like to the pool
-    return _real_prepare(item, params, max_pixels)
+    return _real_prepare(item, *args)
 
 
 def test_crashing_decoder_is_isolated(package, tmp_path, monkeypatch):
@@ -137,3 +137,48 @@ def test_srs_are_built_in_the_pool_and_here_when_the_pool_dies(package, tmp_path
             found = read_sr_findings(pydicom.dcmread(result.outputs["sr"]))
             assert len(found) == 15
             assert result.record["timings_ms"]["write"] > 0
+
+
+def test_an_sr_that_cannot_be_written_leaves_the_findings(package, tmp_path):
+    """The findings never depend on the SR: a folder where the SR should go (as a full or read-only
+    disk would) gives a findings record with status ok and the SR's failure, stage sr."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm", inbox / "a.dcm")
+    out = tmp_path / "out"
+    (out / "inbox" / "a.dcm.sr.dcm").mkdir(parents=True)
+    (result,) = run_pipeline(package, inbox, out)
+    assert result.status == "ok" and "sr" not in result.outputs
+    record = json.loads((out / "inbox" / "a.dcm.json").read_text())
+    assert record["status"] == "ok" and len(record["findings"]) == 14
+    assert record["sr_error"]["stage"] == "sr" and record["sr_error"]["reason"].startswith("cannot write the SR: ")
+
+
+class _NaNForFirstBatch:
+    """The real ONNX Runtime runner, with one logit of the first batch turned NaN (a broken artifact)."""
+
+    def __init__(self, runner):
+        self.runner, self.batches = runner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def infer(self, batch):
+        logits = self.runner.infer(batch)
+        self.batches += 1
+        if self.batches == 1:
+            logits[:, 3] = float("nan")
+        return logits
+
+
+def test_non_finite_probabilities_are_an_error_not_json_nan(package, tmp_path):
+    inbox = make_inbox(tmp_path, 2)
+    items, _ = discover([inbox])
+    with create_backend(package, threads=1) as backend:
+        results = Pipeline(package, _NaNForFirstBatch(backend), tmp_path / "out", workers=2, max_batch=1).run(items)
+    assert sorted(r.status for r in results) == ["error", "ok"]
+    (failed,) = [r for r in results if r.status == "error"]
+    assert failed.error["stage"] == "inference"
+    assert failed.error["reason"] == "the model produced non-finite probabilities (NaN or infinity) for this image"
+    for path in (tmp_path / "out").rglob("*.json"):
+        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))

@@ -119,9 +119,10 @@ class Journal:
             self._db.execute("COMMIT")
         return self._rows(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids) if ids else []
 
-    def done(self, row_id: int, outputs: dict) -> None:
-        self._write("UPDATE inputs SET state = 'done', error = NULL, outputs = ?, updated = ? WHERE id = ?",
-                    (json.dumps(outputs), time.time(), row_id))
+    def done(self, row_id: int, outputs: dict, note: str | None = None) -> None:
+        """Done; `note` says what is missing from an otherwise complete result (the SR)."""
+        self._write("UPDATE inputs SET state = 'done', error = ?, outputs = ?, updated = ? WHERE id = ?",
+                    (note, json.dumps(outputs), time.time(), row_id))
 
     def failed(self, row_id: int, error: str, outputs: dict | None, retry: bool, attempts: int,
                max_attempts: int) -> str:
@@ -167,6 +168,8 @@ class Journal:
     def status(self, recent: int = 5) -> dict:
         with self._lock:
             inputs = dict(self._db.execute("SELECT state, COUNT(*) FROM inputs GROUP BY state").fetchall())
+            without_sr = self._db.execute("SELECT COUNT(*) FROM inputs WHERE state = 'done' AND error IS NOT NULL"
+                                          ).fetchone()[0]
             sends = dict(self._db.execute("SELECT state, COUNT(*) FROM sends GROUP BY state").fetchall())
             errors = self._db.execute("SELECT relative, error, updated FROM inputs WHERE error IS NOT NULL "
                                       "ORDER BY updated DESC LIMIT ?", (recent,)).fetchall()
@@ -178,6 +181,7 @@ class Journal:
         return {
             "journal": str(self.path),
             "inputs": {s: inputs.get(s, 0) for s in STATES},
+            "done_without_sr": without_sr,  # findings written, the SR could not be (counted in done)
             "sends": {s: sends.get(s, 0) for s in ("pending", "sent")},
             "last_errors": [{"input": r, "error": e, "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))}
                             for r, e, t in errors],

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from ..errors import CxrEdgeError
+from ..limits import MIN_SIDE
 from ..outputs import output_stem
 from ..sources import InputItem
 from .dicom_net import Peer
@@ -49,6 +50,7 @@ class DaemonConfig:
     disposition: str = "leave"
     processed_dir: Path | None = None
     write_sr: bool = True
+    min_side: int = MIN_SIDE
     listen: Peer | None = None
     allowed_callers: list[str] = field(default_factory=list)
     send_to: Peer | None = None
@@ -84,7 +86,7 @@ class Daemon:
         self.workers = cfg.workers or default_workers()
         package = self._load_package()
         # Decode workers are forked before the backend starts its threads.
-        self.pool = DecodePool(self.workers, package.preprocess_params)
+        self.pool = DecodePool(self.workers, package.preprocess_params, min_side=cfg.min_side)
         self.pipeline = self._make_pipeline(package)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
@@ -161,7 +163,7 @@ class Daemon:
                 self.pool.close()
                 from ..pipeline import DecodePool
 
-                self.pool = DecodePool(self.workers, package.preprocess_params)
+                self.pool = DecodePool(self.workers, package.preprocess_params, min_side=self.cfg.min_side)
             self.pipeline = self._make_pipeline(package)
         except CxrEdgeError as exc:  # keep serving with the old model
             self.runner = old_runner
@@ -237,8 +239,14 @@ class Daemon:
                 self.metrics.observe("cxr_edge_stage_seconds", timings[stage] / 1e3, {"stage": stage},
                                      help="time per input and stage")
         if result.status == "ok":
-            self.journal.done(row.id, result.outputs)
+            sr_error = record.get("sr_error")
+            # Findings written, SR not (an invalid source UID, a header highdicom refuses): done,
+            # with the reason kept in the journal for `status`, and nothing to send.
+            self.journal.done(row.id, result.outputs, note=f"sr: {sr_error['reason']}" if sr_error else None)
             self.metrics.inc("cxr_edge_inputs", labels={"result": "ok"}, help="inputs processed")
+            if sr_error:
+                self.metrics.inc("cxr_edge_sr_failures", help="inputs whose findings were written without their SR")
+                log.warning("#%d findings written without an SR: %s", row.id, sr_error["reason"])
             self.metrics.observe("cxr_edge_batch_size", timings.get("batch_size", 1), buckets=BATCH_BUCKETS,
                                  help="inference batch sizes")
             try:
@@ -288,9 +296,10 @@ class Daemon:
                     removed += 1
         recovered = redone = 0
         for row in self.journal.in_processing():
-            outputs = self._complete_outputs(row)
-            if outputs:
-                self.journal.done(row.id, outputs)
+            complete = self._complete_outputs(row)
+            if complete:
+                outputs, sr_error = complete
+                self.journal.done(row.id, outputs, note=f"sr: {sr_error['reason']}" if sr_error else None)
                 recovered += 1
             else:
                 stem = self.cfg.out / output_stem(PurePath(row.relative))
@@ -301,7 +310,8 @@ class Daemon:
             log.warning("recovered from an unclean stop: %d temp files removed, %d inputs had complete outputs, "
                         "%d will be redone", removed, recovered, redone)
 
-    def _complete_outputs(self, row: Row) -> dict | None:
+    def _complete_outputs(self, row: Row) -> tuple[dict, dict | None] | None:
+        """(outputs, the record's sr_error) when the row's outputs are complete, else None."""
         import json
 
         stem = self.cfg.out / output_stem(PurePath(row.relative))
@@ -318,7 +328,7 @@ class Daemon:
             if not Path(sr["path"]).is_file():
                 return None
             outputs["sr"] = sr["path"]
-        return outputs
+        return outputs, record.get("sr_error")
 
     # --- SR sending -----------------------------------------------------------------------------
     def _send_loop(self) -> None:
