@@ -41,6 +41,11 @@ def main(verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
+# infer and watch refuse the same inputs
+_min_side_option = click.option("--min-side", default=MIN_SIDE, show_default=True, type=click.IntRange(1),
+                                help="Refuse images with fewer pixels than this on a side (thumbnails, icons).")
+
+
 def _fail_usage(message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(EXIT_USAGE)
@@ -61,8 +66,7 @@ def _fail_usage(message: str) -> None:
 @click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads (default: CPU cores).")
 @click.option("--no-sr", is_flag=True, help="Do not write DICOM SR for DICOM inputs.")
-@click.option("--min-side", default=MIN_SIDE, show_default=True, type=click.IntRange(1),
-              help="Refuse images with fewer pixels than this on a side (thumbnails, icons).")
+@_min_side_option
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable run summary on stdout.")
 def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, no_sr, min_side,
           as_json):
@@ -365,8 +369,7 @@ def _print_build(report: dict) -> None:
 @click.option("--processed-dir", type=click.Path(file_okay=False), default=None,
               help="With --disposition move [default: STATE_DIR/processed]: done/ and failed/ below it.")
 @click.option("--no-sr", is_flag=True, help="Do not write DICOM SR.")
-@click.option("--min-side", default=MIN_SIDE, show_default=True, type=click.IntRange(1),
-              help="Refuse images with fewer pixels than this on a side (thumbnails, icons).")
+@_min_side_option
 @click.option("--listen", default=None, metavar="AE@HOST:PORT", help="Run a DICOM C-STORE SCP into the inbox.")
 @click.option("--allow", "allowed", multiple=True, metavar="AE", help="Calling AE titles the SCP accepts (repeat).")
 @click.option("--send-to", default=None, metavar="AE@HOST:PORT", help="C-STORE every SR to this PACS (retried).")

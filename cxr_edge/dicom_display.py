@@ -90,13 +90,9 @@ def modality_lut(raw: np.ndarray, ds) -> tuple[np.ndarray, float | None]:
 
 
 def _stored_range(ds) -> tuple[float, float]:
-    allocated = int(ds.get("BitsAllocated", 16) or 16)
-    try:
-        bits = int(ds.get("BitsStored", allocated) or allocated)
-    except (TypeError, ValueError):
-        raise DecodeError(f"{attr('BitsStored')} is not a valid integer") from None
-    if not 1 <= bits <= allocated:
-        raise DecodeError(f"{attr('BitsStored')} must be between 1 and {attr('BitsAllocated')}")
+    """Bits Stored and Pixel Representation were validated by dicom_header.check_is_radiograph."""
+    allocated = int(ds.BitsAllocated)
+    bits = int(ds.get("BitsStored", allocated) or allocated)
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
         return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
     return 0.0, 2.0**bits - 1

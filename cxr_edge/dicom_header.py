@@ -70,19 +70,17 @@ def _sop_class_name(uid: str) -> str | None:
     return entry[0] if entry else None
 
 
-def _check_deflate_bound(path: Path, max_pixels: int) -> None:
+def _check_deflate_bound(path: Path, meta, max_pixels: int) -> None:
     """A Deflated Explicit VR dataset is inflated whole by pydicom before any limit applies: a
     1.5 MB file inflating to gigabytes (a deflate bomb) is refused by inflating it here first, in
     chunks, counting, and stopping at what the pixel limit allows (8 bytes a pixel + 16 MiB)."""
-    import struct
     import zlib
 
+    if "FileMetaInformationGroupLength" not in meta:
+        return  # no group length to find the dataset by: pydicom decides
     with open(path, "rb") as f:
-        head = f.read(144)
-        if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-            return  # no standard file meta: pydicom decides
-        (meta_length,) = struct.unpack("<L", head[140:144])
-        f.seek(144 + meta_length)
+        # preamble (128) + "DICM" (4) + the group length element (12), then the rest of the meta
+        f.seek(144 + int(meta.FileMetaInformationGroupLength))
         inflater, total, cap = zlib.decompressobj(-zlib.MAX_WBITS), 0, max_pixels * 8 + (16 << 20)
         while chunk := f.read(1 << 20):
             try:
@@ -109,7 +107,7 @@ def read_dataset(path: Path, has_preamble: bool, max_pixels: int):
         except Exception:  # reported by the full read below
             meta = {}
         if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            _check_deflate_bound(path, max_pixels)
+            _check_deflate_bound(path, meta, max_pixels)
 
     try:
         # force=True only for files without the DICM preamble (raw datasets, as old systems

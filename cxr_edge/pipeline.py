@@ -167,7 +167,7 @@ class DecodePool:
     """
 
     def __init__(self, workers: int, params, max_pixels: int | None = None, min_side: int | None = None):
-        from .decode import DEFAULT_MAX_PIXELS, MIN_SIDE
+        from .limits import DEFAULT_MAX_PIXELS, MIN_SIDE
 
         self.workers, self.params, self.max_pixels = workers, params, max_pixels or DEFAULT_MAX_PIXELS
         self.min_side = MIN_SIDE if min_side is None else min_side

@@ -189,3 +189,37 @@ def test_status_command_reads_the_journal(tmp_path):
     wait_for(lambda: "seen again, already done" in again.text(), what="the start-up scan to find it")
     assert again.stop() == 0
     assert again.states() == {"done": 1, "failed": 1} and len(outputs(again.out)) == 2
+
+
+def test_recovery_keeps_an_sr_failure_on_record(tmp_path):
+    """Killed after writing the findings of a source that can have no SR (invalid UID), before
+    journaling them: the restart finds the outputs complete, marks the input done and keeps the
+    SR's failure, so `status` still counts it as done without an SR (and nothing is sent)."""
+    from cxr_edge.backends import create_backend
+    from cxr_edge.daemon.journal import Journal
+    from cxr_edge.daemon.service import Daemon, DaemonConfig
+    from cxr_edge.manifest import ModelPackage
+    from cxr_edge.pipeline import Pipeline, _file_sha256
+    from cxr_edge.sources import InputItem
+
+    from . import realworld_corpus
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    source = realworld_corpus._edited(realworld_corpus.RSNA, inbox / "a.dcm", SOPInstanceUID="1.2.03.abc")
+    package = ModelPackage.load()
+    with create_backend(package, threads=1) as backend:
+        (result,) = Pipeline(package, backend, out, workers=1).run([InputItem(source, source.relative_to(inbox))])
+    assert result.status == "ok" and result.record["sr_error"]["stage"] == "sr"
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    stat = source.stat()
+    journal.register("a.dcm", str(source), stat.st_size, stat.st_mtime_ns, _file_sha256(source)[0])
+    (row,) = journal.claim_due(1)  # "processing" when the process died
+    daemon = Daemon(DaemonConfig(inbox=inbox, out=out, state_dir=tmp_path / "state"))
+    daemon.journal = journal
+    daemon._recover()
+    report = journal.status()
+    journal.close()
+    assert report["inputs"]["done"] == 1 and report["done_without_sr"] == 1, report
+    assert report["last_errors"][0]["error"].startswith("sr: source SOP Instance UID (0008,0018)"), report
+    assert report["sends"] == {"pending": 0, "sent": 0}

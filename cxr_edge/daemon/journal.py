@@ -119,8 +119,10 @@ class Journal:
             self._db.execute("COMMIT")
         return self._rows(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids) if ids else []
 
-    def done(self, row_id: int, outputs: dict, note: str | None = None) -> None:
-        """Done; `note` says what is missing from an otherwise complete result (the SR)."""
+    def done(self, row_id: int, outputs: dict, sr_error: dict | None = None) -> None:
+        """Done; `sr_error` (the record's) is kept as the error of an input whose findings were
+        written without their SR, so that `status` counts and shows it."""
+        note = f"sr: {sr_error['reason']}" if sr_error else None
         self._write("UPDATE inputs SET state = 'done', error = ?, outputs = ?, updated = ? WHERE id = ?",
                     (note, json.dumps(outputs), time.time(), row_id))
 

@@ -242,7 +242,7 @@ class Daemon:
             sr_error = record.get("sr_error")
             # Findings written, SR not (an invalid source UID, a header highdicom refuses): done,
             # with the reason kept in the journal for `status`, and nothing to send.
-            self.journal.done(row.id, result.outputs, note=f"sr: {sr_error['reason']}" if sr_error else None)
+            self.journal.done(row.id, result.outputs, sr_error)
             self.metrics.inc("cxr_edge_inputs", labels={"result": "ok"}, help="inputs processed")
             if sr_error:
                 self.metrics.inc("cxr_edge_sr_failures", help="inputs whose findings were written without their SR")
@@ -299,7 +299,7 @@ class Daemon:
             complete = self._complete_outputs(row)
             if complete:
                 outputs, sr_error = complete
-                self.journal.done(row.id, outputs, note=f"sr: {sr_error['reason']}" if sr_error else None)
+                self.journal.done(row.id, outputs, sr_error)
                 recovered += 1
             else:
                 stem = self.cfg.out / output_stem(PurePath(row.relative))
