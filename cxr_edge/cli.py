@@ -51,6 +51,11 @@ def _fail_usage(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
+def _one_line(message) -> str:
+    """An error message as one line (`infer`: exactly one `Error:` line, whatever a library said)."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip()) or type(message).__name__
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -94,9 +99,9 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
         selection = select_backend(package, backend, precision)
         out.mkdir(parents=True, exist_ok=True)
     except CxrEdgeError as exc:
-        _fail_usage(str(exc))
+        _fail_usage(_one_line(exc))
     except OSError as exc:
-        _fail_usage(f"cannot create output folder {out}: {exc.strerror}")
+        _fail_usage(_one_line(f"cannot create output folder {out}: {exc.strerror or type(exc).__name__}"))
     for path in skipped:
         log.debug("skipped (not an image by its name): %s", path)
 
@@ -108,7 +113,10 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
             runner = create_backend(package, selection.backend, selection.precision, selection.artifact, threads=threads)
             runner.__enter__()
         except CxrEdgeError as exc:
-            _fail_usage(str(exc))
+            _fail_usage(_one_line(exc))
+        except Exception as exc:  # a runtime refusing an artifact whose sha256 matched (corrupt when built)
+            _fail_usage(_one_line(f"{package.root}: cannot load the {selection.artifact} artifact with "
+                                  f"{selection.backend}: {type(exc).__name__}: {exc}"))
         log.info("backend %s, %s artifact %r: %s", selection.backend, selection.precision, selection.artifact, selection.reason)
         log.info("model %s %s, %d inputs, %d decode workers", package.name, package.version, len(items), workers)
         pipeline = Pipeline(package, runner, out, workers=workers, max_batch=batch_size,
@@ -371,7 +379,9 @@ def _print_build(report: dict) -> None:
 @click.option("--no-sr", is_flag=True, help="Do not write DICOM SR.")
 @_min_side_option
 @click.option("--listen", default=None, metavar="AE@HOST:PORT", help="Run a DICOM C-STORE SCP into the inbox.")
-@click.option("--allow", "allowed", multiple=True, metavar="AE", help="Calling AE titles the SCP accepts (repeat).")
+@click.option("--allow", "allowed", multiple=True, metavar="AE[@IP|@NET/BITS]",
+              help="Who may send to the SCP (repeat): a calling AE title, from anywhere or only from an IP address "
+                   "or network (PACS, PACS@10.1.2.3, MODALITY@10.1.0.0/16). Default: anyone.")
 @click.option("--send-to", default=None, metavar="AE@HOST:PORT", help="C-STORE every SR to this PACS (retried).")
 @click.option("--calling-ae", default="CXREDGE", show_default=True, help="Our AE title when sending.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Prometheus /metrics on 127.0.0.1.")
@@ -382,7 +392,7 @@ def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, 
     SIGTERM / SIGINT: finish the in-flight batch, exit 0. SIGHUP: reload the model package.
     Under systemd (Type=notify): READY, STATUS and WATCHDOG pings. See `cxr-edge status`.
     """
-    from .daemon.dicom_net import Peer
+    from .daemon.dicom_net import AllowedCaller, Peer
     from .daemon.service import Daemon, DaemonConfig
     from .errors import CxrEdgeError
 
@@ -392,13 +402,17 @@ def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, 
         send_peer = Peer.parse(send_to) if send_to else None
     except ValueError as exc:
         _fail_usage(str(exc))
+    try:
+        allowed_callers = [AllowedCaller.parse(text) for text in allowed]
+    except ValueError as exc:
+        _fail_usage(f"--allow {exc}")
     cfg = DaemonConfig(inbox=Path(inbox), out=out, state_dir=Path(state_dir) if state_dir else out / ".cxr-edge",
                        model=model_dir, backend=backend, precision=precision, max_batch=batch_size,
                        max_delay_ms=max_delay_ms, workers=workers, threads=threads, settle=settle,
                        max_attempts=max_attempts, disposition=disposition,
                        processed_dir=Path(processed_dir) if processed_dir else None, write_sr=not no_sr,
                        min_side=min_side,
-                       listen=listen_peer, allowed_callers=list(allowed), send_to=send_peer, calling_ae=calling_ae,
+                       listen=listen_peer, allowed_callers=allowed_callers, send_to=send_peer, calling_ae=calling_ae,
                        metrics_port=metrics_port)
     try:
         sys.exit(Daemon(cfg).run())
@@ -414,16 +428,24 @@ def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
 def status(state_dir, out_dir, as_json):
     """Counts by state, SR sends, last errors and throughput, read from the daemon's journal."""
+    import sqlite3
+
     from .daemon.journal import Journal
+    from .errors import CxrEdgeError
 
     if not state_dir and not out_dir:
         _fail_usage("pass --state-dir or --out")
     path = Path(state_dir) if state_dir else Path(out_dir) / ".cxr-edge"
     if not (path / "journal.sqlite3").is_file():
         _fail_usage(f"no journal in {path}")
-    journal = Journal(path / "journal.sqlite3")
-    report = journal.status()
-    journal.close()
+    try:  # read-only: it must not create files the service's user cannot write
+        journal = Journal(path / "journal.sqlite3", readonly=True)
+        report = journal.status()
+        journal.close()
+    except CxrEdgeError as exc:
+        _fail_usage(str(exc))
+    except sqlite3.Error as exc:  # a journal of an older version: the daemon migrates it when it starts
+        _fail_usage(f"cannot read the journal in {path} ({exc}); start `cxr-edge watch` once to upgrade it")
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -434,6 +456,8 @@ def status(state_dir, out_dir, as_json):
     for state, count in report["inputs"].items():
         table.add_row(f"inputs {state}", str(count))
     table.add_row("  of which done without SR", str(report["done_without_sr"]))
+    for kind, count in report["pending_retrying"].items():
+        table.add_row(f"  pending, retrying after a {kind} error", str(count))
     for state, count in report["sends"].items():
         table.add_row(f"SR sends {state}", str(count))
     table.add_row("done, last minute", str(report["throughput_per_minute"]["last_minute"]))
@@ -441,7 +465,8 @@ def status(state_dir, out_dir, as_json):
     console = Console()
     console.print(table)
     for error in report["last_errors"]:
-        console.print(f"{error['at']}  {error['input']}: {error['error']}", highlight=False)
+        console.print(f"{error['at']}  {error['input']}: {error['error']}"
+                      + (f" [{error['kind']}]" if error.get("kind") else ""), highlight=False)
 
 
 def _run_with_progress(pipeline, items, pool):

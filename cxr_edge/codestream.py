@@ -198,7 +198,7 @@ def frame_sizes(pixel_data, transfer_syntax: str, n_frames: int = 1) -> list[Fra
         if frame._end == 0:
             raise DecodeError("the first frame of the encapsulated Pixel Data is empty") from None
         raise DecodeError(
-            f"the {kind} frame is cut short: its {frame._end} bytes end before its size marker"
+            f"the {kind} frame is cut short: its {frame._end} bytes end before its size marker", incomplete=True
         ) from None
 
 
@@ -254,4 +254,4 @@ def _check_end_of_frame(pixel_data, syntax: str, n_frames: int) -> None:
         return
     if not bytes(last[-16:]).rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
         raise DecodeError("the compressed frame is cut short or corrupt: it does not end with its "
-                          "end-of-image marker (EOI / EOC, FFD9)")
+                          "end-of-image marker (EOI / EOC, FFD9)", incomplete=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DecodeError
+from .errors import DecodeError, InputError, os_error_kind
 from .limits import DEFAULT_MAX_PIXELS, MIN_CONTRAST, MIN_SIDE  # noqa: F401 (re-exported)
 
 
@@ -70,8 +70,8 @@ def require_regular_file(path: Path) -> int:
 
     try:
         info = path.stat()
-    except OSError as exc:
-        raise DecodeError(f"cannot read file: {exc.strerror}") from exc
+    except OSError as exc:  # a missing file is permanent; a permission or I/O error may clear
+        raise InputError("read", f"cannot read file: {exc.strerror}", os_error_kind(exc)) from exc
     if not stat.S_ISREG(info.st_mode):
         raise DecodeError("not a regular file (a FIFO, socket or device)" if not stat.S_ISDIR(info.st_mode)
                           else "a folder, not a file")
@@ -112,7 +112,7 @@ def decode_raster(path: Path, kind: str, max_pixels: int) -> DecodedImage:
             Image.DecompressionBombWarning) as exc:
         # PIL's messages quote the file's path (folder names are often patients' names)
         message = str(exc).replace(str(path), "the file").replace(path.name, "the file")
-        raise DecodeError(f"corrupt or truncated {kind.upper()}: {message}") from exc
+        raise DecodeError(f"corrupt or truncated {kind.upper()}: {message}", incomplete=True) from exc
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         pixels = np.asarray(image, dtype=np.float32) / 65535.0

@@ -51,7 +51,8 @@ def stored_pixels(ds, path: Path) -> np.ndarray:
     if not syntax.is_compressed:
         rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
         if len(ds.PixelData) < (rows * cols * bits + 7) // 8:
-            raise DecodeError("truncated pixel data: fewer bytes than Rows x Columns x Bits Allocated need")
+            raise DecodeError("truncated pixel data: fewer bytes than Rows x Columns x Bits Allocated need",
+                              incomplete=True)
         try:
             return ds.pixel_array
         except Exception as exc:

@@ -119,7 +119,8 @@ def read_dataset(path: Path, has_preamble: bool, max_pixels: int):
                 _looks_like_a_header(ds)
         # pydicom only warns when a file ends early (and returns what it could read)
         if any("end of file" in str(w.message).lower() for w in caught):
-            raise DecodeError("truncated DICOM file: the data ends before its last element is complete")
+            raise DecodeError("truncated DICOM file: the data ends before its last element is complete",
+                              incomplete=True)
     except DecodeError:
         raise
     except InvalidDicomError as exc:
@@ -127,7 +128,8 @@ def read_dataset(path: Path, has_preamble: bool, max_pixels: int):
     except Exception as exc:  # pydicom raises many types on garbage or truncation
         if not has_preamble:
             raise DecodeError("not a DICOM file (no DICM preamble and no parseable header)") from exc
-        raise DecodeError(f"corrupt or truncated DICOM header ({type(exc).__name__} while parsing)") from exc
+        raise DecodeError(f"corrupt or truncated DICOM header ({type(exc).__name__} while parsing)",
+                          incomplete=True) from exc
     _infer_transfer_syntax(ds)  # raw datasets, and file meta that lacks it
     return ds
 
@@ -190,7 +192,8 @@ def check_is_radiograph(ds, max_pixels: int) -> None:
         meta_class = valid_uid(meta.get("MediaStorageSOPClassUID"))
         image_class = any("Image Storage" in (_sop_class_name(c) or "") for c in (sop_class, meta_class) if c)
         if "Rows" in ds or cut_short or image_class:
-            raise DecodeError(f"truncated or incomplete DICOM: image attributes without pixel data ({what})")
+            raise DecodeError(f"truncated or incomplete DICOM: image attributes without pixel data ({what})",
+                              incomplete=True)
         raise DecodeError(f"no pixel data: {what}, not an image")
     if transfer_syntax_name(ds) is None:  # pydicom cannot read pixels it has no syntax for
         raise DecodeError(f"{attr('TransferSyntaxUID')} is not a known transfer syntax")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,10 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cxr-edge-model"
 MANIFEST_FORMAT_VERSION = 1
 DEFAULT_PACKAGE = Path(__file__).parent / "models" / "default"
+MAX_MANIFEST_BYTES = 16 << 20  # the bundled one is 11 kB; anything near this is not a manifest
+MAX_INPUT_SIZE = 4096  # preprocessing.size: pixels on a side of the model's input
+ARTIFACT_FORMATS = ("onnx", "tensorrt")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -44,41 +50,75 @@ class ModelPackage:
     # --- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, root: str | Path | None = None) -> "ModelPackage":
+        """Read and validate a package. Raises ModelPackageError (one line naming the package and
+        the problem) for anything wrong with it, never another exception type; after it returns,
+        every property (name, version, labels, temperatures, thresholds, preprocess_params) is safe."""
         root = Path(root) if root is not None else DEFAULT_PACKAGE
         path = root / MANIFEST_NAME
-        if not path.is_file():
-            raise ModelPackageError(f"{root}: no {MANIFEST_NAME}; not a cxr-edge model package")
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelPackageError(f"{path}: unreadable manifest: {exc}") from exc
+            if not path.exists():
+                raise ModelPackageError(f"{root}: no {MANIFEST_NAME}; not a cxr-edge model package")
+            if not path.is_file():
+                raise ModelPackageError(f"{path}: not a regular file; not a cxr-edge model package")
+            with open(path, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ModelPackageError(f"{path}: unreadable manifest: {exc.strerror or type(exc).__name__}") from exc
+        except ValueError as exc:  # a NUL in the path
+            raise ModelPackageError(f"{root}: not a usable model package path: {exc}") from exc
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ModelPackageError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing it")
+        try:
+            manifest = json.loads(data)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+            raise ModelPackageError(f"{path}: unreadable manifest: {_one_line(exc)}") from exc
         package = cls(root, manifest)
         package.validate()
         return package
 
     def validate(self) -> None:
-        m = self.manifest
+        """Every field the runtime reads, checked for presence, type and range: a bad manifest is a
+        ModelPackageError naming the manifest and the field, never a KeyError/TypeError later."""
         where = self.root / MANIFEST_NAME
+
+        def fail(problem: str):
+            raise ModelPackageError(f"{where}: {problem}")
+
+        m = self.manifest
+        if not isinstance(m, dict):
+            fail(f"the manifest is a JSON {_json_type(m)}, not an object")
         if m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_FORMAT_VERSION:
-            raise ModelPackageError(
-                f"{where}: format {m.get('format')!r} v{m.get('format_version')} is not "
-                f"{MANIFEST_FORMAT} v{MANIFEST_FORMAT_VERSION}"
-            )
+            fail(f"format {_short(m.get('format'))} v{_short(m.get('format_version'))} is not "
+                 f"{MANIFEST_FORMAT} v{MANIFEST_FORMAT_VERSION}")
         for key in ("name", "version", "labels", "preprocessing", "calibration", "thresholds", "artifacts"):
             if key not in m:
-                raise ModelPackageError(f"{where}: missing required key {key!r}")
-        n = len(m["labels"])
-        if tuple(m["labels"]) != LABELS:
-            raise ModelPackageError(f"{where}: labels {m['labels']} differ from cxr-edge's {list(LABELS)}")
-        for key, values in (("calibration.temperatures", self.temperatures), ("thresholds.values", self.thresholds)):
-            if values.shape != (n,) or not np.all(np.isfinite(values)):
-                raise ModelPackageError(f"{where}: {key} must be {n} finite numbers")
-        if np.any(self.temperatures <= 0):
-            raise ModelPackageError(f"{where}: temperatures must be positive")
+                fail(f"missing required key {key!r}")
+        if not isinstance(m["name"], str) or not m["name"].strip():
+            fail(f"name must be a non-empty string, not {_short(m['name'])}")
+        version = m["version"]
+        if isinstance(version, bool) or not isinstance(version, (str, int)) or not str(version).strip():
+            fail(f"version must be a non-empty string, not {_short(version)}")
+        labels = m["labels"]
+        if not isinstance(labels, (list, tuple)) or tuple(labels) != LABELS:
+            fail(f"labels {_short(labels)} differ from cxr-edge's {list(LABELS)}")
+        n = len(LABELS)
+        temperatures = _numbers(fail, m, "calibration", "temperatures", n)
+        if any(t <= 0 for t in temperatures):
+            fail(f"calibration.temperatures must be positive (item {_first(lambda t: t <= 0, temperatures)} is not)")
+        thresholds = _numbers(fail, m, "thresholds", "values", n)
+        if any(not 0.0 <= t <= 1.0 for t in thresholds):
+            fail(f"thresholds.values must lie in [0, 1] (item {_first(lambda t: not 0 <= t <= 1, thresholds)} does not)")
+        _check_preprocessing(fail, m["preprocessing"])
         try:
             self.preprocess_params
-        except (ValueError, TypeError) as exc:
-            raise ModelPackageError(f"{where}: preprocessing: {exc}") from exc
+        except (ValueError, TypeError, AttributeError) as exc:
+            fail(f"preprocessing: {_one_line(exc)}")
+        _check_artifacts(fail, m["artifacts"])
+        architecture = m.get("architecture", {})  # optional; records name architecture.timm_name
+        if not isinstance(architecture, dict):
+            fail(f"architecture must be an object, not {_short(architecture)}")
+        if not isinstance(architecture.get("timm_name", ""), (str, type(None))):
+            fail(f"architecture.timm_name must be a string, not {_short(architecture['timm_name'])}")
 
     # --- contents ----------------------------------------------------------------------------
     @property
@@ -123,9 +163,9 @@ class ModelPackage:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise ModelPackageError(f"{path}: cannot read artifact: {exc.strerror}") from exc
+            raise ModelPackageError(f"{path}: cannot read artifact: {exc.strerror or type(exc).__name__}") from exc
         actual = sha256_bytes(data)
-        if actual != entry["sha256"]:
+        if actual != str(entry["sha256"]).lower():
             raise ModelPackageError(
                 f"{path}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
                 "the file is corrupt or was replaced, refusing to load it"
@@ -171,3 +211,99 @@ def write_package_copy(source: ModelPackage, target: str | Path, manifest: dict)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ModelPackage.load(target)
+
+
+# --- validation helpers --------------------------------------------------------------------------
+def _one_line(exc: BaseException | str) -> str:
+    text = str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = _one_line(repr(value)) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first(predicate, values) -> int:
+    return next(i for i, v in enumerate(values) if predicate(v))
+
+
+def _finite(value) -> float | None:
+    """A JSON number as a finite float, else None (booleans, strings, NaN, Infinity, 1e400, 10**400)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None  # (numpy numbers: a manifest built in memory by train / calibrate before save())
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _numbers(fail, m: dict, block: str, key: str, n: int) -> list[float]:
+    section = m[block]
+    if not isinstance(section, dict):
+        fail(f"{block} must be an object with {key!r}, not {_short(section)}")
+    if key not in section:
+        fail(f"missing {block}.{key}")
+    values = section[key]
+    if not isinstance(values, list) or len(values) != n:
+        count = f"{len(values)} values" if isinstance(values, list) else _short(values)
+        fail(f"{block}.{key} must be {n} finite numbers (one per label), not {count}")
+    numbers = [_finite(v) for v in values]
+    if None in numbers:
+        i = numbers.index(None)
+        fail(f"{block}.{key} must be {n} finite numbers; item {i} is {_short(values[i])}")
+    return numbers
+
+
+def _check_preprocessing(fail, entry) -> None:
+    """Types and ranges PreprocessParams does not check itself (it takes any values it is given)."""
+    if not isinstance(entry, dict):
+        fail(f"preprocessing must be an object, not {_short(entry)}")
+    size, channels = entry.get("size", 224), entry.get("channels", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= MAX_INPUT_SIZE:
+        fail(f"preprocessing.size must be a whole number from 8 to {MAX_INPUT_SIZE}, not {_short(size)}")
+    if isinstance(channels, bool) or channels not in (1, 3) or not isinstance(channels, int):
+        fail(f"preprocessing.channels must be 1 or 3, not {_short(channels)}")
+    for key in ("mean", "std"):
+        if key in entry and _finite(entry[key]) is None:
+            fail(f"preprocessing.{key} must be a finite number, not {_short(entry[key])}")
+    if "std" in entry and entry["std"] <= 0:
+        fail(f"preprocessing.std must be positive, not {_short(entry['std'])}")
+    if not isinstance(entry.get("resize", "pad"), str):
+        fail(f"preprocessing.resize must be a string, not {_short(entry['resize'])}")
+
+
+def _check_artifacts(fail, artifacts) -> None:
+    if not isinstance(artifacts, dict) or not artifacts:
+        fail(f"artifacts must be an object with at least one artifact, not {_short(artifacts)}")
+    for key, entry in artifacts.items():
+        if not isinstance(entry, dict):
+            fail(f"artifact {key!r} must be an object, not {_short(entry)}")
+        for field in ("file", "sha256"):
+            if field not in entry:
+                fail(f"artifact {key!r} has no {field!r}")
+        file = entry["file"]
+        if not isinstance(file, str) or not file.strip() or "\0" in file:
+            fail(f"artifact {key!r}: file must be a file name, not {_short(file)}")
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            fail(f"artifact {key!r}: path {file!r} leaves the package")
+        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+            fail(f"artifact {key!r}: sha256 must be 64 hex digits, not {_short(entry['sha256'])}")
+        if entry.get("format", "onnx") not in ARTIFACT_FORMATS:
+            fail(f"artifact {key!r}: format must be one of {ARTIFACT_FORMATS}, not {_short(entry.get('format'))}")
+        if not isinstance(entry.get("precision", key), str):
+            fail(f"artifact {key!r}: precision must be a string, not {_short(entry.get('precision'))}")
+        if "cpu_ms_per_image" in entry and _finite(entry["cpu_ms_per_image"]) is None:
+            fail(f"artifact {key!r}: cpu_ms_per_image must be a finite number")
+        for field in ("stamp", "profile"):
+            if field in entry and not isinstance(entry[field], dict):
+                fail(f"artifact {key!r}: {field} must be an object, not {_short(entry[field])}")
+        max_batch = entry.get("profile", {}).get("max_batch", 1)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            fail(f"artifact {key!r}: profile.max_batch must be a whole number >= 1, not {_short(max_batch)}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import PERMANENT, UNEXPECTED, InputError, os_error_kind
 from .sources import InputItem
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Prepared:
     size_bytes: int | None = None
     timings_ms: dict = field(default_factory=dict)
     started_at: float | None = None  # perf_counter (CLOCK_MONOTONIC: the same clock in every process)
-    error: dict | None = None  # {"stage", "reason"}
+    error: dict | None = None  # {"stage", "reason", "kind"} (kinds: cxr_edge.errors)
 
 
 @dataclass
@@ -56,55 +56,99 @@ class Result:
         return self.record.get("error")
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
+def _file_sha256(path: Path, follow_symlinks: bool = True) -> tuple[str, int]:
+    """(sha256, size). Without `follow_symlinks` a symbolic link is refused (ELOOP) and only a
+    regular file is read: opened non-blocking, so a FIFO put in its place cannot hang the reader."""
+    import stat
+
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW | os.O_NONBLOCK)
     digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+    with open(os.open(path, flags), "rb") as f:
+        if not follow_symlinks and not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InputError("read", "not a regular file (a FIFO, socket or device)")
         while block := f.read(1 << 20):
             digest.update(block)
             size += len(block)
     return digest.hexdigest(), size
 
 
-def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0) -> Prepared:
-    """Runs in a worker process: hash, decode, preprocess one input."""
+def confined_regular_file(path: Path, root: Path) -> None:
+    """For the service: an inbox entry is read only when it is a regular file reached without
+    any symbolic link, inside the inbox (no link out of or around it)."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise InputError("read", f"cannot read file: {exc.strerror}", os_error_kind(exc)) from exc
+    if stat.S_ISLNK(info.st_mode):
+        raise InputError("read", "a symbolic link (not followed: deliver regular files into the inbox)")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError("read", "a folder, not a file" if stat.S_ISDIR(info.st_mode)
+                         else "not a regular file (a FIFO, socket or device)")
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(path.parent), real_root]) != real_root:
+        raise InputError("read", "reached through a symbolic link to a folder outside the inbox (not followed)")
+
+
+def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine: Path | None = None) -> Prepared:
+    """Runs in a worker process: hash, decode, preprocess one input. With `confine` (the
+    service's inbox) symbolic links are not followed and the file must lie inside it."""
     from .decode import decode_file, require_regular_file
     from .preprocess import preprocess
 
     prepared = Prepared(item, started_at=time.perf_counter())
     try:
         t0 = prepared.started_at  # decode includes reading and hashing the file
+        if confine is not None:
+            confined_regular_file(item.path, confine)
         require_regular_file(item.path)  # before hashing: a FIFO would block the worker for ever
-        prepared.sha256, prepared.size_bytes = _file_sha256(item.path)
+        prepared.sha256, prepared.size_bytes = _file_sha256(item.path, follow_symlinks=confine is None)
         decoded = decode_file(item.path, max_pixels=max_pixels, min_side=min_side)
         t1 = time.perf_counter()
         prepared.tensor = preprocess(decoded.pixels, params)
         t2 = time.perf_counter()
     except InputError as exc:
-        prepared.error = {"stage": exc.stage, "reason": exc.reason}
+        prepared.error = {"stage": exc.stage, "reason": exc.reason, "kind": exc.kind}
         return prepared
     except OSError as exc:
-        prepared.error = {"stage": "read", "reason": f"cannot read file: {exc.strerror or exc}"}
+        prepared.error = {"stage": "read", "reason": f"cannot read file: {exc.strerror or exc}",
+                          "kind": os_error_kind(exc)}
         return prepared
     except MemoryError:
-        prepared.error = {"stage": "decode", "reason": "out of memory while decoding"}
+        prepared.error = {"stage": "decode", "reason": "out of memory while decoding", "kind": UNEXPECTED}
         return prepared
-    except Exception as exc:  # a decoder bug must not take the run down
+    except Exception as exc:  # a decoder bug must not take the run down; the same bytes fail again
         # its message may quote header values: the reason names the exception type only
-        prepared.error = {"stage": "decode", "reason": f"unexpected {type(exc).__name__} while decoding"}
+        prepared.error = {"stage": "decode", "reason": f"unexpected {type(exc).__name__} while decoding",
+                          "kind": PERMANENT}
         return prepared
     prepared.format, prepared.info, prepared.dicom_header = decoded.format, decoded.info, decoded.dicom_header
     prepared.timings_ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
     return prepared
 
 
-def encode_sr(header, findings, identity) -> tuple[bytes, str, str, float]:
+def sr_uids(input_sha256: str | None, identity) -> dict:
+    """The SR's series and SOP Instance UIDs, derived from the input's bytes and the model: the
+    same input read by the same model gives the same SR UID, so an SR made again (a redo after a
+    crash, a re-send) is the same instance to the PACS, never a second report."""
+    from pydicom.uid import generate_uid
+
+    if not input_sha256:
+        return {}
+    seed = [input_sha256, identity.name, identity.version, identity.sha256]
+    return {"series_instance_uid": generate_uid(entropy_srcs=[*seed, "series"]),
+            "sop_instance_uid": generate_uid(entropy_srcs=[*seed, "instance"])}
+
+
+def encode_sr(header, findings, identity, uids: dict | None = None) -> tuple[bytes, str, str, float]:
     """Runs in a worker process: build the SR and encode it (~0.5 s of highdicom per SR, which
     would otherwise hold up the batcher on the main thread). Writing it stays on the main thread."""
     from .outputs import dicom_bytes
     from .sr import build_sr
 
     started = time.perf_counter()
-    sr = build_sr(header, findings, identity)
+    sr = build_sr(header, findings, identity, **(uids or {}))
     return dicom_bytes(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), (time.perf_counter() - started) * 1e3
 
 
@@ -166,11 +210,13 @@ class DecodePool:
     its neighbours still get processed.
     """
 
-    def __init__(self, workers: int, params, max_pixels: int | None = None, min_side: int | None = None):
+    def __init__(self, workers: int, params, max_pixels: int | None = None, min_side: int | None = None,
+                 confine: Path | None = None):
         from .limits import DEFAULT_MAX_PIXELS, MIN_SIDE
 
         self.workers, self.params, self.max_pixels = workers, params, max_pixels or DEFAULT_MAX_PIXELS
         self.min_side = MIN_SIDE if min_side is None else min_side
+        self.confine = confine  # the service's inbox: no symbolic links, nothing outside it
         # fork before any backend threads exist is safe and fast; fall back where unavailable
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self._context = multiprocessing.get_context(method)
@@ -180,10 +226,10 @@ class DecodePool:
         return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=_init_worker)
 
     def submit(self, item: InputItem) -> Future:
-        return self._submit(prepare, item, self.params, self.max_pixels, self.min_side)
+        return self._submit(prepare, item, self.params, self.max_pixels, self.min_side, self.confine)
 
-    def submit_sr(self, header, findings, identity) -> Future:
-        return self._submit(encode_sr, header, findings, identity)
+    def submit_sr(self, header, findings, identity, uids: dict | None = None) -> Future:
+        return self._submit(encode_sr, header, findings, identity, uids)
 
     def _submit(self, fn, *args) -> Future:
         try:
@@ -233,7 +279,8 @@ class DecodePool:
                 except BrokenProcessPool:
                     broken = True
                     if future.suspect:
-                        yield Prepared(item, error={"stage": "decode", "reason": "the decoder process crashed on this file"})
+                        yield Prepared(item, error={"stage": "decode", "kind": UNEXPECTED,  # or the OOM killer
+                                                    "reason": "the decoder process crashed on this file"})
                     else:
                         suspects.append(item)
             if broken:
@@ -279,8 +326,10 @@ class Pipeline:
 
         return ModelIdentity(self.model_info["name"], self.model_info["version"], self.model_info["sha256"])
 
-    def run(self, items: list[InputItem], on_result=None, pool: DecodePool | None = None) -> list[Result]:
-        """Process every item; `on_result(result)` is called as each one finishes."""
+    def run(self, items: list[InputItem], on_result=None, pool: DecodePool | None = None,
+            heartbeat=None) -> list[Result]:
+        """Process every item; `on_result(result)` is called as each one finishes, `heartbeat()`
+        at every turn of the loop (at least every max delay), so a supervisor sees progress."""
         results = []
 
         def emit(result: Result) -> None:
@@ -304,6 +353,8 @@ class Pipeline:
 
         try:
             for prepared in pool.prepared(items, window=window, tick=self.max_delay):
+                if heartbeat:
+                    heartbeat()
                 if prepared is not None:
                     if prepared.error:
                         emit(self._error(prepared, **prepared.error))
@@ -335,7 +386,7 @@ class Pipeline:
             logits = self.backend.infer(np.stack([p.tensor for p, _ in batch]))
         except Exception as exc:  # the backend failing is reported per input, not fatal to the run
             log.error("inference failed for a batch of %d: %s", len(batch), exc)
-            return [self._error(p, "inference", f"{type(exc).__name__}: {exc}") for p, _ in batch]
+            return [self._error(p, "inference", f"{type(exc).__name__}: {exc}", UNEXPECTED) for p, _ in batch]
         inferred = time.perf_counter()
         # the backend's own split (h2d / compute / d2h); None where it does not apply (CPU)
         split = {k: v for k, v in (getattr(self.backend, "last_timings_ms", None) or {}).items() if v is not None}
@@ -358,7 +409,8 @@ class Pipeline:
             timings["postprocess"] = postprocess_ms
             timings["batch_size"] = len(batch)
             if self.write_sr and prepared.dicom_header is not None:
-                pending[pool.submit_sr(prepared.dicom_header, findings, self.identity)] = (prepared, findings, timings)
+                uids = sr_uids(prepared.sha256, self.identity)
+                pending[pool.submit_sr(prepared.dicom_header, findings, self.identity, uids)] = (prepared, findings, timings)
             else:
                 results.append(self._write(prepared, findings, timings))
         return results
@@ -400,12 +452,18 @@ class Pipeline:
         if self.write_sr and prepared.dicom_header is not None and sr_error is None:
             sr_path = stem.with_name(stem.name + ".sr.dcm")
             try:
-                data, sop_uid, series_uid, _ = sr or encode_sr(prepared.dicom_header, findings, self.identity)
+                data, sop_uid, series_uid, _ = sr or encode_sr(prepared.dicom_header, findings, self.identity,
+                                                               sr_uids(prepared.sha256, self.identity))
                 atomic_write_bytes(sr_path, data)
                 outputs["sr"] = str(sr_path)
                 record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": sop_uid,
                                            "series_instance_uid": series_uid}
-            except Exception as exc:  # highdicom refusing the content, a full disk
+            except OSError as exc:
+                if os_error_kind(exc) != PERMANENT:  # a full disk: the whole input is retried, not done without SR
+                    return self._error(prepared, "write", f"cannot write the SR: {exc.strerror or type(exc).__name__}",
+                                       os_error_kind(exc))
+                sr_error = sr_failure(exc)
+            except Exception as exc:  # highdicom refusing the content
                 sr_error = sr_failure(exc)
         if sr_error is not None:
             record["sr_error"] = {"stage": "sr", "reason": sr_error}
@@ -420,16 +478,17 @@ class Pipeline:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             for path in outputs.values():  # no half set of outputs: all or nothing
                 Path(path).unlink(missing_ok=True)
-            return self._error(prepared, "write", f"cannot write outputs: {reason}")
+            kind = os_error_kind(exc) if isinstance(exc, OSError) else UNEXPECTED
+            return self._error(prepared, "write", f"cannot write outputs: {reason}", kind)
         if sr_error is not None and self.log_names:
             log.warning("%s: findings written, SR not: %s", prepared.item.relative.as_posix(), sr_error)
         return Result(prepared.item, "ok", record, {"json": str(json_path), **outputs})
 
-    def _error(self, prepared: Prepared, stage: str, reason: str) -> Result:
+    def _error(self, prepared: Prepared, stage: str, reason: str, kind: str = PERMANENT) -> Result:
         from .outputs import atomic_write_json, output_stem
         from .records import error_record
 
-        record = error_record(prepared, stage, reason, self.model_info, self.backend_info)
+        record = error_record(prepared, stage, reason, self.model_info, self.backend_info, kind)
         if self.log_names:
             log.warning("%s: %s failed: %s", prepared.item.relative.as_posix(), stage, reason)
         outputs = {}
@@ -439,5 +498,6 @@ class Pipeline:
             atomic_write_json(json_path, record)
             outputs["json"] = str(json_path)
         except OSError as exc:
-            log.error("%s: cannot write error record: %s", json_path, exc.strerror or exc)
+            log.error("%s: cannot write error record: %s", json_path if self.log_names else "an input",
+                      exc.strerror or type(exc).__name__)
         return Result(prepared.item, "error", record, outputs)

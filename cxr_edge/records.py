@@ -75,10 +75,12 @@ def findings_record(prepared, findings: list[Finding], model: dict, backend: dic
     return record
 
 
-def error_record(prepared, stage: str, reason: str, model: dict, backend: dict) -> dict:
+def error_record(prepared, stage: str, reason: str, model: dict, backend: dict, kind: str = "permanent") -> dict:
+    """`kind` (permanent, incomplete, transient, unexpected: see cxr_edge.errors) says whether
+    the same input may succeed later."""
     record = base_record(prepared, model, backend)
     record["status"] = "error"
-    record["error"] = {"stage": stage, "reason": reason, "file": str(prepared.item.path)}
+    record["error"] = {"stage": stage, "reason": reason, "kind": kind, "file": str(prepared.item.path)}
     return record
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -56,32 +57,73 @@ def kill_leftovers() -> None:
         proc.wait(30)
 
 
+class NotifySocket:
+    """The systemd side of sd_notify: an abstract AF_UNIX datagram socket that keeps every
+    message the daemon sends (READY=1, STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1)."""
+
+    def __init__(self):
+        self.address = f"@cxr-edge-test-{os.getpid()}-{time.monotonic_ns()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address[1:])
+        self.sock.settimeout(0.05)
+        self.messages: list[str] = []
+
+    def poll(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except (socket.timeout, BlockingIOError):
+                return self.messages
+
+    def count(self, text: str) -> int:
+        return sum(text in message for message in self.poll())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class DaemonProcess:
-    def __init__(self, root: Path, *extra: str, env: dict | None = None):
+    def __init__(self, root: Path, *extra: str, env: dict | None = None, cwd: Path | None = None):
         self.inbox, self.out = root / "inbox", root / "out"
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.log_path = root / f"daemon-{time.monotonic_ns()}.log"
+        self.notify = NotifySocket()
         self.args = [sys.executable, "-m", "cxr_edge", "watch", str(self.inbox), "--out", str(self.out),
                      "--settle", "0.5", "--workers", "2",
                      "--min-side", "32",  # the bursts use NIH's 64 px thumbnails (fast), below the default 128
                      *map(str, extra)]
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.address, **(env or {})}
         self.proc = None
+        self.cwd = cwd
 
-    def start(self) -> "DaemonProcess":
+    def launch(self) -> "DaemonProcess":
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+                                     cwd=self.cwd, start_new_session=True)
         STARTED.append(self)
-        wait_for(lambda: "watching" in self.log_path.read_text() or self.proc.poll() is not None, 120, what="start-up")
+        return self
+
+    def start(self) -> "DaemonProcess":
+        """Launch and wait for READY=1 (the model warmed up, the inbox watched)."""
+        self.launch()
+        wait_for(lambda: self.notify.count("READY=1") or self.proc.poll() is not None, 120, what="READY=1")
         assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
         return self
+
+    def exited(self, timeout: float = 60.0) -> int:
+        """Wait for the process to end on its own; its exit status."""
+        code = self.proc.wait(timeout)
+        self.log.close()
+        self.notify.close()
+        return code
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout)
         self.log.close()
+        self.notify.poll()
+        self.notify.close()
         return self.proc.returncode
 
     @property

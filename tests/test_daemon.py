@@ -86,7 +86,7 @@ def test_a_file_written_slowly_is_not_taken_before_it_is_complete(tmp_path):
 def test_bad_files_get_error_records_and_do_not_stop_the_daemon(tmp_path):
     from pydicom.data import get_testdata_file
 
-    daemon = DaemonProcess(tmp_path, "--max-attempts", "1").start()
+    daemon = DaemonProcess(tmp_path).start()  # the default --max-attempts: permanent failures are not retried
     good = SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm"
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -95,11 +95,14 @@ def test_bad_files_get_error_records_and_do_not_stop_the_daemon(tmp_path):
     (bad / "cut.dcm").write_bytes(good.read_bytes()[:3000])
     shutil.copy(get_testdata_file("CT_small.dcm"), bad / "ct.dcm")
     for path in sorted(bad.iterdir()):
-        drop(path, daemon.inbox)
+        target = drop(path, daemon.inbox)
+        os.utime(target, (time.time() - 3600,) * 2)  # old: a cut file is not still arriving
     drop(SAMPLES / "nih" / "00000100_000.png", daemon.inbox)
     wait_for(lambda: sum(daemon.states().values()) == 5 and daemon.states().get("pending", 0) == 0
              and daemon.states().get("processing", 0) == 0, timeout=120, what="all five finished")
     assert daemon.states() == {"done": 1, "failed": 4}
+    assert {r["retries"] for r in daemon.rows() if r["state"] == "failed"} == {0}  # tried once, never again
+    assert {r["error_kind"] for r in daemon.rows() if r["state"] == "failed"} == {"permanent", "incomplete"}
     reasons = {r["input"]["relative_path"]: r["error"]["reason"] for r in records(daemon.out) if r["status"] == "error"}
     assert "not a DICOM file" in reasons["notes.dcm"] and "empty file" in reasons["empty.dcm"]
     assert "truncated" in reasons["cut.dcm"] and "modality CT" in reasons["ct.dcm"]
@@ -134,40 +137,25 @@ def _free_port() -> int:
 
 
 def test_systemd_notify_watchdog_metrics_and_sighup_reload(tmp_path):
-    notify_path = tmp_path / "notify.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(notify_path))
-    listener.settimeout(0.2)
     port = _free_port()
-    daemon = DaemonProcess(tmp_path, "--metrics-port", port,
-                           env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}).start()
-    messages = []
-
-    def received(text):
-        def check():
-            try:
-                messages.append(listener.recv(4096).decode())
-            except socket.timeout:
-                pass
-            return any(text in m for m in messages)
-        return check
-
-    wait_for(received("READY=1"), timeout=30, what="READY=1")
-    wait_for(received("WATCHDOG=1"), timeout=30, what="WATCHDOG=1")
+    daemon = DaemonProcess(tmp_path, "--metrics-port", port, env={"WATCHDOG_USEC": "1000000"}).start()
+    notified = daemon.notify
+    wait_for(lambda: notified.count("WATCHDOG=1"), timeout=30, what="WATCHDOG=1")
     drop(SAMPLES / "nih" / "00000100_000.png", daemon.inbox)
     wait_for(lambda: daemon.states().get("done") == 1, what="one done")
-    wait_for(received("STATUS=done 1"), timeout=30, what="STATUS with the count")
+    wait_for(lambda: notified.count("STATUS=done 1"), timeout=30, what="STATUS with the count")
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for name in ('cxr_edge_inputs_total{result="ok"} 1.0', "cxr_edge_stage_seconds_bucket", "cxr_edge_queue_depth",
                  "cxr_edge_batch_size_count"):
         assert name in metrics, name
-    daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "model reloaded" in daemon.text(), timeout=60, what="SIGHUP reload")
+    daemon.proc.send_signal(signal.SIGHUP)  # sd_notify's reload protocol: RELOADING=1, then READY=1
+    wait_for(lambda: notified.count("RELOADING=1") and notified.count("READY=1") == 2, timeout=60, what="the reload")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'cxr_edge_reloads_total{result="ok"} 1.0' in metrics
     drop(SAMPLES / "nih" / "00001873_000.png", daemon.inbox)
     wait_for(lambda: daemon.states().get("done") == 2, what="a file after the reload")
     assert daemon.stop() == 0
-    wait_for(received("STOPPING=1"), timeout=10, what="STOPPING=1")
-    listener.close()
+    assert any("STOPPING=1" in m for m in notified.messages)
 
 
 def test_status_command_reads_the_journal(tmp_path):
@@ -185,8 +173,11 @@ def test_status_command_reads_the_journal(tmp_path):
     assert daemon.stop() == 0
     # the same file again (same name, same bytes, new mtime) is not processed twice, even after a restart
     os.utime(daemon.inbox / "00000100_000.png")
+    (row,) = [r for r in daemon.rows() if r["relative"] == "00000100_000.png"]
     again = DaemonProcess(tmp_path).start()
-    wait_for(lambda: "seen again, already done" in again.text(), what="the start-up scan to find it")
+    # the start-up scan hashes it (its stat changed) and records the new stat on the done row
+    mtime = (daemon.inbox / "00000100_000.png").stat().st_mtime_ns
+    wait_for(lambda: [r["mtime_ns"] for r in again.rows() if r["id"] == row["id"]] == [mtime], what="the scan to see it")
     assert again.stop() == 0
     assert again.states() == {"done": 1, "failed": 1} and len(outputs(again.out)) == 2
 
@@ -196,7 +187,7 @@ def test_recovery_keeps_an_sr_failure_on_record(tmp_path):
     journaling them: the restart finds the outputs complete, marks the input done and keeps the
     SR's failure, so `status` still counts it as done without an SR (and nothing is sent)."""
     from cxr_edge.backends import create_backend
-    from cxr_edge.daemon.journal import Journal
+    from cxr_edge.daemon.journal import Journal, identity_of
     from cxr_edge.daemon.service import Daemon, DaemonConfig
     from cxr_edge.manifest import ModelPackage
     from cxr_edge.pipeline import Pipeline, _file_sha256
@@ -211,9 +202,9 @@ def test_recovery_keeps_an_sr_failure_on_record(tmp_path):
     with create_backend(package, threads=1) as backend:
         (result,) = Pipeline(package, backend, out, workers=1).run([InputItem(source, source.relative_to(inbox))])
     assert result.status == "ok" and result.record["sr_error"]["stage"] == "sr"
+    (tmp_path / "state").mkdir()
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
-    stat = source.stat()
-    journal.register("a.dcm", str(source), stat.st_size, stat.st_mtime_ns, _file_sha256(source)[0])
+    journal.offer("a.dcm", identity_of(source.stat()), _file_sha256(source)[0])
     (row,) = journal.claim_due(1)  # "processing" when the process died
     daemon = Daemon(DaemonConfig(inbox=inbox, out=out, state_dir=tmp_path / "state"))
     daemon.journal = journal
@@ -222,4 +213,46 @@ def test_recovery_keeps_an_sr_failure_on_record(tmp_path):
     journal.close()
     assert report["inputs"]["done"] == 1 and report["done_without_sr"] == 1, report
     assert report["last_errors"][0]["error"].startswith("sr: source SOP Instance UID (0008,0018)"), report
-    assert report["sends"] == {"pending": 0, "sent": 0}
+    assert report["sends"] == {"pending": 0, "sent": 0, "failed": 0, "superseded": 0}
+
+
+def test_an_input_the_daemon_died_on_three_times_is_failed_not_taken_again(tmp_path):
+    """A poison input (the daemon is killed or OOM-killed each time it takes it) must not block
+    the queue in a restart loop: after three claims that never finished, recovery fails it."""
+    from cxr_edge.daemon.journal import Journal
+    from cxr_edge.daemon.service import POISON_CLAIMS, Daemon, DaemonConfig
+
+    (tmp_path / "state").mkdir()
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    row, _ = journal.offer("poison.dcm", (1, 1, 1, 1), "a" * 64)
+    journal.offer("next.dcm", (1, 1, 1, 2), "b" * 64)
+    daemon = Daemon(DaemonConfig(inbox=tmp_path / "inbox", out=tmp_path / "out", state_dir=tmp_path / "state"))
+    daemon.journal = journal
+    for _ in range(POISON_CLAIMS):
+        assert [r.relative for r in journal.claim_due(1)] == ["poison.dcm"]  # oldest first: always the poison
+        daemon._recover_in_flight()  # the daemon died; the restart recovers
+    (poison, following) = journal.all_inputs()
+    assert poison.state == "failed" and f"stopped {POISON_CLAIMS} times" in poison.error
+    assert [r.relative for r in journal.claim_due(1)] == ["next.dcm"]  # the queue moves on
+    journal.close()
+
+
+def test_a_send_whose_sr_was_replaced_or_removed_is_not_retried_for_ever(tmp_path):
+    import pydicom
+
+    from cxr_edge.daemon.service import Daemon, DaemonConfig
+
+    daemon = Daemon(DaemonConfig(inbox=tmp_path / "inbox", out=tmp_path / "out", state_dir=tmp_path / "state"))
+    sr = tmp_path / "x.sr.dcm"
+    dataset = pydicom.Dataset()
+    dataset.SOPInstanceUID = "1.2.3.4"
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    dataset.save_as(sr, enforce_file_format=True)
+    assert daemon._send_one(sr, "1.2.3.5", "PACS@127.0.0.1:1") == ("superseded", "a newer version of the input "
+                                                                                   "replaced this SR")
+    state, problem = daemon._send_one(tmp_path / "gone.sr.dcm", "1.2.3.4", "PACS@127.0.0.1:1")
+    assert state == "failed" and "gone" in problem and str(tmp_path) not in problem
+    state, problem = daemon._send_one(sr, "1.2.3.4", "PACS@127.0.0.1:1")  # nobody listens: retried later
+    assert state == "pending" and str(tmp_path) not in problem

@@ -17,7 +17,7 @@ from cxr_edge.errors import DecodeError
 from cxr_edge.preprocess import PreprocessParams, preprocess
 
 from . import corpus
-from .conftest import need_tool, shared
+from .conftest import SAMPLES, need_tool, shared
 
 _CACHE: dict = {}
 
@@ -570,5 +570,25 @@ def test_refuses_garbage(tmp_path, name, content, phrase):
     assert phrase in refusal(path)
 
 
-def test_refuses_missing_file(tmp_path):
-    assert "cannot read file" in refusal(tmp_path / "nope.dcm")
+def test_refuses_missing_file_permanently_at_the_read_stage(tmp_path):
+    from cxr_edge.errors import PERMANENT, InputError
+
+    with pytest.raises(InputError) as info:
+        decode_file(tmp_path / "nope.dcm")
+    assert (info.value.stage, info.value.kind) == ("read", PERMANENT)
+    assert "cannot read file" in info.value.reason
+
+
+def test_a_cut_file_is_incomplete_and_garbage_is_permanent(tmp_path):
+    """The daemon retries `incomplete` while a file is young (it may still be arriving)."""
+    from cxr_edge.errors import INCOMPLETE, PERMANENT
+
+    data = (SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.dcm").write_text("not an image\n" * 10)
+    png = (SAMPLES / "nih" / "00000100_000.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    for name, kind in (("cut.dcm", INCOMPLETE), ("cut.png", INCOMPLETE), ("text.dcm", PERMANENT)):
+        with pytest.raises(DecodeError) as info:
+            decode_file(tmp_path / name)
+        assert info.value.kind == kind, (name, info.value.reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -175,3 +176,78 @@ def test_outputs_follow_the_umask(tmp_path, umask, mode):
     assert {p.name for p in files} == {"rsna_cr_pa_jpeg_baseline_mono2.dcm.json",
                                        "rsna_cr_pa_jpeg_baseline_mono2.dcm.sr.dcm", "summary.jsonl"}
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: mode for p in files}
+
+
+# --- a bad model package: one `Error:` line, exit 2, never a traceback (issue #10 items 4, 8) -----
+def _model_refused(tmp_path, package) -> str:
+    out = tmp_path / "out"
+    proc = run_cli("infer", str(SAMPLES / "nih" / "00000100_000.png"), "--out", str(out), "--model", str(package))
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not out.exists() or not list(out.rglob("*.json"))
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["no temperatures", "temperatures strings", "temperatures 1e400", "thresholds above 1",
+                                  "labels a number", "preprocessing a string", "size a string",
+                                  "artifact without sha256", "artifacts a list", "manifest a list", "invalid JSON",
+                                  "not UTF-8"])
+def test_malformed_manifest_fails_in_one_line(tmp_path, case):
+    from .test_manifest import BROKEN, light_package, write_broken
+
+    package = light_package(tmp_path)
+    broken, phrase = BROKEN[case]
+    write_broken(package, broken)
+    line = _model_refused(tmp_path, package)
+    assert str(package) in line and re.search(phrase, line), line
+
+
+def test_unusable_model_folders_fail_in_one_line(tmp_path):
+    (tmp_path / "dir-manifest" / "manifest.json").mkdir(parents=True)
+    assert "not a regular file" in _model_refused(tmp_path, tmp_path / "dir-manifest")
+    assert "no manifest.json" in _model_refused(tmp_path, tmp_path / "missing")
+
+
+def _package_with_artifact(tmp_path, data: bytes, fix_sha: bool = True) -> Path:
+    """The bundled manifest with `data` as its fp32 model; its sha256 updated to match (fix_sha)."""
+    import hashlib
+
+    from .test_manifest import light_package
+
+    package = light_package(tmp_path)
+    (package / "model.onnx").unlink()
+    (package / "model.onnx").write_bytes(data)
+    if fix_sha:
+        manifest = json.loads((package / "manifest.json").read_text())
+        manifest["artifacts"]["fp32"]["sha256"] = hashlib.sha256(data).hexdigest()
+        (package / "manifest.json").write_text(json.dumps(manifest))
+    return package
+
+
+def test_sha256_mismatch_fails_in_one_line(tmp_path):
+    package = _package_with_artifact(tmp_path, b"not the model", fix_sha=False)
+    assert "does not match the manifest" in _model_refused(tmp_path, package)
+
+
+def test_corrupt_onnx_with_a_matching_sha256_fails_in_one_line(tmp_path):
+    """The sha256 proves the file is the one the manifest names, not that it is a model."""
+    model = (SAMPLES / "nih" / "00000100_000.png").read_bytes()[:5000]
+    line = _model_refused(tmp_path, _package_with_artifact(tmp_path, model))
+    assert "fp32" in line
+
+
+def test_onnx_the_backend_cannot_use_fails_in_one_line(tmp_path):
+    """A valid ONNX model without any input: the backend fails past ONNX Runtime's own checks,
+    with an exception type nobody planned for; still one line naming it."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    const = helper.make_node("Constant", [], ["logits"],
+                             value=helper.make_tensor("v", TensorProto.FLOAT, [1, len(LABELS)], [0.0] * len(LABELS)))
+    graph = helper.make_graph([const], "no-input", [], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, len(LABELS)])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    line = _model_refused(tmp_path, _package_with_artifact(tmp_path, onnx.shape_inference.infer_shapes(model).SerializeToString()))
+    assert "IndexError" in line and "fp32" in line

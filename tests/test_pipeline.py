@@ -104,7 +104,7 @@ def test_decode_pool_prepares_every_item(package, tmp_path):
 
 
 
-def crashing_encode_sr(header, findings, identity):
+def crashing_encode_sr(header, findings, identity, uids=None):
     os._exit(1)  # the worker building an SR dies (OOM kill)
 
 
@@ -131,6 +131,9 @@ def test_srs_are_built_in_the_pool_and_here_when_the_pool_dies(package, tmp_path
     finally:
         pool.close()
     assert [r.status for r in again] == ["ok", "ok"]
+    # the same bytes and model give the same SR, wherever and however often it is built: a redo
+    # after a crash or a re-send is the same instance to the PACS
+    assert len({r.record["outputs"]["sr"]["sop_instance_uid"] for r in in_pool + fallback + again}) == 1
     for results in (in_pool, fallback):
         assert [r.status for r in results] == ["ok", "ok"]
         for result in results:
@@ -182,3 +185,19 @@ def test_non_finite_probabilities_are_an_error_not_json_nan(package, tmp_path):
     assert failed.error["reason"] == "the model produced non-finite probabilities (NaN or infinity) for this image"
     for path in (tmp_path / "out").rglob("*.json"):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))
+
+
+def test_sr_uids_follow_the_input_bytes_and_the_model():
+    from pydicom.uid import UID
+
+    from cxr_edge.pipeline import sr_uids
+    from cxr_edge.sr import ModelIdentity
+
+    model = ModelIdentity("m", "1", "f" * 64)
+    first = sr_uids("a" * 64, model)
+    assert first == sr_uids("a" * 64, model)
+    assert first["sop_instance_uid"] != first["series_instance_uid"]
+    assert first["sop_instance_uid"] != sr_uids("b" * 64, model)["sop_instance_uid"]
+    assert first["sop_instance_uid"] != sr_uids("a" * 64, ModelIdentity("m", "2", "f" * 64))["sop_instance_uid"]
+    assert all(UID(uid).is_valid for uid in first.values())
+    assert sr_uids(None, model) == {}  # unknown bytes: fresh random UIDs

@@ -1,10 +1,11 @@
 """`cxr-edge watch`: the unattended service around the same Pipeline as `cxr-edge infer`.
 
-Inbox (watchdog + start-up scan, or the DICOM SCP) -> journal (SQLite) -> Pipeline (decode
-workers, dynamic batching, backend, atomic JSON + SR) -> journal -> SR send queue -> PACS.
-Exactly once: an input is (relative path, sha256); its outputs are complete (JSON written last)
-or absent; after a crash, inputs caught mid-flight are checked against their outputs and either
-marked done or redone.
+Inbox (watchdog + scans, or the DICOM SCP) -> journal (SQLite) -> Pipeline (decode workers,
+dynamic batching, backend, atomic JSON + SR) -> journal -> SR send queue -> PACS.
+Exactly once: an input is its bytes under its path relative to the inbox, with one row while it
+is in flight; its outputs are complete (JSON written last) or absent; after a crash, inputs
+caught mid-flight are checked against their outputs and either marked done (their SR send
+queued) or redone. Failures are retried by kind (cxr_edge.errors), never by message text.
 """
 
 from __future__ import annotations
@@ -13,23 +14,28 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from ..errors import CxrEdgeError
+from ..errors import UNEXPECTED, CxrEdgeError, ModelPackageError
 from ..limits import MIN_SIDE
 from ..outputs import output_stem
 from ..sources import InputItem
 from .dicom_net import Peer
-from .journal import Journal, Row
+from .journal import Journal, Row, backoff, identity_of
 from .notify import Watchdog, notify
 from .telemetry import BATCH_BUCKETS, Metrics
 
 log = logging.getLogger(__name__)
-TRANSIENT_STAGES = ("read", "inference", "write")
 DISPOSITIONS = ("leave", "move", "delete")
+OWN_THREADS = ("inbox-settle", "sr-sender", "sd-watchdog", "dicom-listener")
+POISON_CLAIMS = 3  # an input the daemon died on this many times is failed instead of taken again
+STATUS_EVERY = 5.0  # seconds between journal counts for STATUS= and the queue gauges
+EXIT_SOFTWARE = 70  # sysexits EX_SOFTWARE: a part of the daemon died; systemd restarts it (Restart=on-failure)
 
 
 @dataclass
@@ -45,18 +51,19 @@ class DaemonConfig:
     workers: int | None = None
     threads: int | None = None
     settle: float = 2.0  # seconds a non-renamed file must stay unchanged
-    max_attempts: int = 5
-    young_seconds: float = 120.0  # a "truncated" file younger than this may still be arriving: retry
+    max_attempts: int = 5  # for unexpected failures; permanent ones fail at once, transient ones wait
+    young_seconds: float = 120.0  # an "incomplete" file younger than this may still be arriving: retry
     disposition: str = "leave"
     processed_dir: Path | None = None
     write_sr: bool = True
     min_side: int = MIN_SIDE
     listen: Peer | None = None
-    allowed_callers: list[str] = field(default_factory=list)
+    allowed_callers: list = field(default_factory=list)
     send_to: Peer | None = None
     calling_ae: str = "CXREDGE"
     metrics_port: int | None = None
     chunk: int = 32  # inputs per pipeline run: bounds how long SIGTERM waits for the in-flight work
+    rescan: float = 60.0  # seconds between full inbox scans (inotify can drop events)
 
     @property
     def journal_path(self) -> Path:
@@ -65,6 +72,11 @@ class DaemonConfig:
 
 class Daemon:
     def __init__(self, cfg: DaemonConfig):
+        # Absolute from here on: the journal keeps paths relative to the inbox, and a restart
+        # from another working directory must find the same files.
+        cfg.inbox, cfg.out, cfg.state_dir = (Path(os.path.abspath(p)) for p in (cfg.inbox, cfg.out, cfg.state_dir))
+        if cfg.processed_dir is not None:
+            cfg.processed_dir = Path(os.path.abspath(cfg.processed_dir))
         self.cfg = cfg
         self.metrics = Metrics()
         self.wake = threading.Event()
@@ -72,42 +84,61 @@ class Daemon:
         self.reload_requested = threading.Event()
         self.watchdog = Watchdog()
         self.journal: Journal | None = None
+        self.exit_code = 0
+        self._journal_down_since: float | None = None
+        self._refusals_logged: set[int] = set()
+        self._last_status: str | None = None
+        self._status_at = 0.0
 
     # --- life cycle -----------------------------------------------------------------------------
     def run(self) -> int:
-        from ..pipeline import DecodePool, default_workers, quiet_dicom_warnings
+        from ..pipeline import quiet_dicom_warnings
+        from .state_lock import lock_state_dir
 
         cfg = self.cfg
         quiet_dicom_warnings()
-        for path in (cfg.inbox, cfg.out, cfg.state_dir):
-            path.mkdir(parents=True, exist_ok=True)
+        # Everything that can be wrong with the set-up fails here, in one line, before READY.
+        self._check_folders()
+        self._lock_fd = lock_state_dir(cfg.state_dir)
         self.journal = Journal(cfg.journal_path)
-        self._recover()
-        self.workers = cfg.workers or default_workers()
-        package = self._load_package()
-        # Decode workers are forked before the backend starts its threads.
-        self.pool = DecodePool(self.workers, package.preprocess_params, min_side=cfg.min_side)
-        self.pipeline = self._make_pipeline(package)
+        removed = _remove_listener_leftovers(cfg.inbox)
+        self._recover(removed)
+        self.pool, self.pipeline, self.runner = self._build(self._load_package())
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, lambda *_: (self.reload_requested.set(), self.wake.set()))
+        import faulthandler  # `kill -USR1 <pid>`: every thread's stack to the log, for a daemon that seems stuck
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        threading.excepthook = self._thread_died
         from .watcher import InboxWatcher
 
-        self.watcher = InboxWatcher(cfg.inbox, self._offer, settle=cfg.settle)
-        self.watcher.start()
+        self.watcher = InboxWatcher(cfg.inbox, self._offer, settle=cfg.settle, rescan=cfg.rescan,
+                                    heartbeat=lambda: self.watchdog.beat("intake"))
         servers = []
-        if cfg.metrics_port:
-            from .telemetry import serve
+        try:
+            self.watcher.start()
+            self.watchdog.watch_thread("intake", self.watcher.alive)
+            if cfg.metrics_port:
+                from .telemetry import serve
 
-            servers.append(serve(self.metrics, cfg.metrics_port))
-        if cfg.listen:
-            from .dicom_net import start_scp
+                servers.append(serve(self.metrics, cfg.metrics_port))
+            if cfg.listen:
+                from .dicom_net import start_scp
 
-            servers.append(start_scp(cfg.listen, cfg.inbox, cfg.allowed_callers, on_received=None))
+                server = start_scp(cfg.listen, cfg.inbox, cfg.allowed_callers, on_received=None)
+                servers.append(server)
+                alive = getattr(server, "alive", None)
+                if alive is not None:
+                    self.watchdog.watch_thread("listener", alive)
+        except OSError as exc:  # a port in use, an inbox that cannot be watched
+            self._close(servers)
+            raise CxrEdgeError(f"cannot start: {exc.strerror or exc}") from None
         sender = None
         if cfg.send_to:
             sender = threading.Thread(target=self._send_loop, name="sr-sender", daemon=True)
             sender.start()
+        self.watchdog.beat("main")
         self.watchdog.start()
         notify("READY=1")
         log.info("watching %s -> %s (journal %s)", cfg.inbox, cfg.out, cfg.journal_path)
@@ -115,165 +146,317 @@ class Daemon:
             self._loop()
         finally:
             notify("STOPPING=1")
-            self.watcher.stop()
-            for server in servers:
-                server.shutdown()
-            self.watchdog.stop()
-            self.pool.close()
-            self.runner.__exit__(None, None, None)
+            self._close(servers)
             if sender:
-                sender.join(timeout=10)
+                sender.join(timeout=30)
+            self._release_in_flight()
             self.journal.close()
-        log.info("stopped cleanly")
-        return 0
+            os.close(self._lock_fd)
+        if self.exit_code:
+            log.error("stopped after a failure (exit %d); systemd restarts the service", self.exit_code)
+        else:
+            log.info("stopped cleanly")
+        return self.exit_code
+
+    def _close(self, servers) -> None:
+        self.watcher.stop()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        self.watchdog.stop()
+        self.pool.close()
+        self.runner.__exit__(None, None, None)
+
+    def _check_folders(self) -> None:
+        """Create the folders and prove each is writable (and the inbox readable), so that a
+        wrong owner or a read-only mount stops the start with one line, never a READY daemon
+        that fails every write."""
+        cfg = self.cfg
+        for folder in (cfg.inbox, cfg.out, cfg.state_dir):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(dir=folder, prefix=".cxr-edge-write-check.")
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as exc:
+                raise CxrEdgeError(f"cannot write to {folder}: {exc.strerror or type(exc).__name__}") from None
+        real_inbox = os.path.realpath(cfg.inbox)
+        for name, folder in (("--out", cfg.out), ("--state-dir", cfg.state_dir)):
+            if os.path.commonpath([os.path.realpath(folder), real_inbox]) == real_inbox:
+                raise CxrEdgeError(f"{name} {folder} is inside the inbox {cfg.inbox}: its files would be taken as inputs")
+        try:
+            next(iter(os.scandir(cfg.inbox)), None)
+        except OSError as exc:
+            raise CxrEdgeError(f"cannot read {cfg.inbox}: {exc.strerror or type(exc).__name__}") from None
 
     def _on_stop(self, signum, frame) -> None:
         log.info("%s: finishing the in-flight batch, then exiting", signal.Signals(signum).name)
         self.stopping.set()
         self.wake.set()
 
+    def _thread_died(self, args) -> None:
+        """No thread of ours may die quietly: one that died stops the daemon with a non-zero
+        exit, so systemd restarts it (the message names the thread and the exception type only:
+        a message may quote a file name). A library's thread (one DICOM association) is logged."""
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread else "?"
+        if name not in OWN_THREADS:
+            log.error("thread %s failed (%s)", name, args.exc_type.__name__)
+            return
+        log.critical("thread %s died (%s); stopping so the service is restarted", name, args.exc_type.__name__)
+        self.exit_code = EXIT_SOFTWARE
+        self.stopping.set()
+        self.wake.set()
+
+    # --- the model ------------------------------------------------------------------------------
     def _load_package(self):
         from ..manifest import ModelPackage
 
         return ModelPackage.load(self.cfg.model)
 
-    def _make_pipeline(self, package):
+    def _build(self, package):
+        """Decode pool + warmed-up backend + pipeline for `package`; nothing half-built is left
+        behind when any of it fails."""
         import numpy as np
 
         from ..backends import create_backend, select_backend
-        from ..pipeline import Pipeline
+        from ..pipeline import DecodePool, Pipeline, default_workers
 
-        selection = select_backend(package, self.cfg.backend, self.cfg.precision)
-        runner = create_backend(package, selection.backend, selection.precision, selection.artifact, threads=self.cfg.threads)
-        runner.__enter__()
-        p = package.preprocess_params
-        runner.infer(np.zeros((1, p.channels, p.size, p.size), np.float32))  # warm-up before the first study
+        cfg = self.cfg
+        workers = cfg.workers or default_workers()
+        # Decode workers are forked before the backend starts its threads.
+        pool = DecodePool(workers, package.preprocess_params, min_side=cfg.min_side, confine=cfg.inbox)
+        runner = None
+        try:
+            selection = select_backend(package, cfg.backend, cfg.precision)
+            runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
+                                    threads=cfg.threads)
+            runner.__enter__()
+            p = package.preprocess_params
+            runner.infer(np.zeros((1, p.channels, p.size, p.size), np.float32))  # warm-up before the first study
+            pipeline = Pipeline(package, runner, cfg.out, workers=workers, max_batch=cfg.max_batch,
+                                max_delay_ms=cfg.max_delay_ms, write_sr=cfg.write_sr, log_names=False)
+        except BaseException as exc:
+            pool.close()
+            if runner is not None:
+                runner.__exit__(None, None, None)
+            if isinstance(exc, CxrEdgeError) or not isinstance(exc, Exception):
+                raise
+            # onnxruntime refusing a model whose sha256 matched: one line, not a traceback
+            raise ModelPackageError(f"cannot load the model: {type(exc).__name__}") from None
         log.info("model %s %s; backend %s, %s artifact %r: %s", package.name, package.version, selection.backend,
                  selection.precision, selection.artifact, selection.reason)
-        self.runner = runner
-        return Pipeline(package, runner, self.cfg.out, workers=self.workers, max_batch=self.cfg.max_batch,
-                        max_delay_ms=self.cfg.max_delay_ms, write_sr=self.cfg.write_sr, log_names=False)
+        return pool, pipeline, runner
 
     def _reload(self) -> None:
+        """SIGHUP: validate the new package and build its pool, backend and pipeline completely,
+        then swap; on any failure the old ones stay and serve on."""
         self.reload_requested.clear()
-        old_runner = self.runner
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
-            package = self._load_package()
-            if package.preprocess_params != self.pipeline.package.preprocess_params:
-                self.pool.close()
-                from ..pipeline import DecodePool
-
-                self.pool = DecodePool(self.workers, package.preprocess_params, min_side=self.cfg.min_side)
-            self.pipeline = self._make_pipeline(package)
-        except CxrEdgeError as exc:  # keep serving with the old model
-            self.runner = old_runner
-            log.error("SIGHUP: model reload failed, keeping the current model: %s", exc)
+            built = self._build(self._load_package())
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, CxrEdgeError) else type(exc).__name__
+            log.error("SIGHUP: model reload failed, keeping the current model: %s", reason)
+            self.metrics.inc("cxr_edge_reloads", labels={"result": "failed"}, help="SIGHUP model reloads")
+            notify("READY=1\nSTATUS=reload failed; serving the previous model")
             return
-        old_runner.__exit__(None, None, None)
-        log.info("SIGHUP: model reloaded")
+        old = self.pool, self.runner
+        self.pool, self.pipeline, self.runner = built
+        self.watchdog.beat("main")
+        try:
+            old[0].close()
+            old[1].__exit__(None, None, None)
+        except Exception as exc:  # the new model serves; the old one's teardown is not worth dying for
+            log.error("SIGHUP: closing the previous model failed (%s)", type(exc).__name__)
+        self.metrics.inc("cxr_edge_reloads", labels={"result": "ok"}, help="SIGHUP model reloads")
+        log.info("SIGHUP: model reloaded: %s %s", self.pipeline.package.name, self.pipeline.package.version)
+        notify("READY=1")
 
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.stopping.is_set():
-            self.watchdog.beat()
+            self.watchdog.beat("main")
             if self.reload_requested.is_set():
                 self._reload()
-            rows = self.journal.claim_due(self.cfg.chunk)
-            if rows:
-                self._process(rows)
-                continue
-            due = self.journal.next_due_in()
-            self._status()
+            try:
+                if self._journal_down_since is not None:
+                    self._recover_in_flight()  # the journal failed mid-chunk: settle those rows first
+                    log.warning("the journal is writable again after %.0f s", time.monotonic() - self._journal_down_since)
+                    self._journal_down_since = None
+                rows = self.journal.claim_due(self.cfg.chunk)
+                if rows:
+                    self._process(rows)
+                    continue
+                due = self.journal.next_due_in()
+                if time.monotonic() - self._status_at >= STATUS_EVERY:
+                    self._status_at = time.monotonic()
+                    self._status()
+            except sqlite3.Error as exc:  # a full or failing disk under the journal: wait, do not die
+                self._journal_failed(exc)
+                due = backoff(3)
             self.wake.wait(timeout=min(1.0, due) if due is not None else 1.0)
             self.wake.clear()
+
+    def _journal_failed(self, exc: sqlite3.Error) -> None:
+        if self._journal_down_since is None:
+            self._journal_down_since = time.monotonic()
+            log.error("cannot write the journal (%s); processing pauses and resumes when it is writable", exc)
+            notify("STATUS=paused: the journal cannot be written")
+        self.metrics.inc("cxr_edge_journal_errors", help="journal reads or writes that failed (disk full, I/O)")
 
     def _status(self) -> None:
         status = self.journal.status(recent=0)
         inputs = status["inputs"]
         self.metrics.set("cxr_edge_queue_depth", inputs["pending"] + self.watcher.pending(),
                          help="inputs seen but not yet processed")
-        notify(f"STATUS=done {inputs['done']}, failed {inputs['failed']}, pending {inputs['pending']}")
+        waiting = status["pending_retrying"].get("transient", 0)
+        self.metrics.set("cxr_edge_waiting_transient", waiting,
+                         help="inputs waiting for a transient condition (disk full, I/O, permission) to clear")
+        text = (f"STATUS=done {inputs['done']}, failed {inputs['failed']}, pending {inputs['pending']}"
+                + (f" ({waiting} waiting for a transient error to clear)" if waiting else ""))
+        if text != self._last_status:  # only news
+            self._last_status = text if notify(text) else None
 
-    def _offer(self, path: Path) -> None:
-        """Called by the watcher for a complete file: journal it once."""
+    def _offer(self, path: Path) -> float | None:
+        """Called by the watcher for an inbox entry that looks complete: journal it once.
+        Returns None when dealt with, else the seconds after which to offer it again."""
+        from ..pipeline import _file_sha256
+
+        relative = path.relative_to(self.cfg.inbox).as_posix()
+        undecodable = None
         try:
-            stat = path.stat()
-            relative = path.relative_to(self.cfg.inbox).as_posix()
-            known = self.journal.known_by_stat(relative, stat.st_size, stat.st_mtime_ns)
-            if known is None:
-                from ..pipeline import _file_sha256
-
-                sha256, _ = _file_sha256(path)
-                known = self.journal.register(relative, str(path), stat.st_size, stat.st_mtime_ns, sha256)
+            relative.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8: journaled under an escaped name, refused
+            relative = os.fsencode(relative).decode("utf-8", "backslashreplace")
+            undecodable = "a file name that is not valid UTF-8 (not taken: rename it)"
+        try:
+            info = os.lstat(path)
         except FileNotFoundError:
-            return
+            return None
         except OSError as exc:
-            log.error("cannot read a new input: %s", exc.strerror or exc)
-            return
-        if known.state in ("done", "failed"):
-            log.info("#%d seen again, already %s", known.id, known.state)
-            self._dispose(path, known.relative, known.state)
-        else:
+            log.error("cannot look at an inbox entry: %s; will try again", exc.strerror)
+            return 30.0
+        identity = identity_of(info)
+        refusal = _refusal(info) or self._outside_inbox(path) or undecodable
+        sha256 = ""
+        try:
+            if refusal is None:
+                known = self.journal.unchanged_since_finished(relative, identity)
+                if known is not None:
+                    self._seen_again(path, known)
+                    return None
+                try:
+                    sha256, _ = _file_sha256(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    return None
+                except CxrEdgeError as exc:  # replaced by a FIFO or device since the lstat: refused
+                    refusal = exc.reason
+                except OSError as exc:  # unreadable now (permission, I/O): journaled once it can be read
+                    log.warning("an inbox entry cannot be read yet (%s); will try again", exc.strerror or type(exc).__name__)
+                    return 30.0
+            row, work = self.journal.offer(relative, identity, sha256, refusal)
+        except sqlite3.Error as exc:
+            self._journal_failed(exc)
+            return 10.0
+        if refusal is not None:
+            if row.id not in self._refusals_logged:  # journaled once, logged once per run
+                self._refusals_logged.add(row.id)
+                self.metrics.inc("cxr_edge_errors", labels={"stage": "read"}, help="failed inputs by stage")
+                log.warning("#%d refused: %s", row.id, refusal)
+            return None
+        if work:
             self.wake.set()
+        else:
+            self._seen_again(path, row)
+        return None
+
+    def _outside_inbox(self, path: Path) -> str | None:
+        """A file reached through a link to a folder elsewhere is never read."""
+        real_inbox = os.path.realpath(self.cfg.inbox)
+        if os.path.commonpath([os.path.realpath(path.parent), real_inbox]) != real_inbox:
+            return "reached through a symbolic link to a folder outside the inbox (not followed)"
+        return None
+
+    def _seen_again(self, path: Path, row: Row) -> None:
+        if row.state in ("done", "failed"):
+            log.info("#%d seen again, already %s", row.id, row.state)
+            self._dispose(path, row.relative, row.state, row.identity)
 
     def _process(self, rows: list[Row]) -> None:
-        by_path = {row.path: row for row in rows}
-        items = []
-        for row in rows:
-            if Path(row.path).is_file():
-                items.append(InputItem(Path(row.path), PurePath(row.relative)))
-            else:
-                self.journal.failed(row.id, "input file vanished before it was processed", None, False, 1, 1)
+        items = [InputItem(self.cfg.inbox / row.relative, PurePath(row.relative)) for row in rows]
+        by_relative = {row.relative: row for row in rows}  # one active row per relative path
         started = time.perf_counter()
-        results = self.pipeline.run(items, pool=self.pool)
-        for result in results:
-            self._finish(by_path[str(result.item.path)], result)
+        try:
+            results = self.pipeline.run(items, pool=self.pool,
+                                        on_result=lambda result: self._finish(by_relative[result.item.relative.as_posix()],
+                                                                              result),
+                                        heartbeat=lambda: self.watchdog.beat("main"))
+        except sqlite3.Error as exc:
+            self._journal_failed(exc)
+            return
         if results:
             log.debug("chunk of %d in %.2f s", len(results), time.perf_counter() - started)
 
     def _finish(self, row: Row, result) -> None:
+        """Record one result as it comes (so a SIGKILL loses at most what is in flight)."""
+        self.watchdog.beat("main")
         record = result.record
+        processed = (record.get("input") or {}).get("sha256")
         timings = record.get("timings_ms", {})
         for stage in ("decode", "preprocess", "queue", "inference_batch", "write"):
             if stage in timings:
                 self.metrics.observe("cxr_edge_stage_seconds", timings[stage] / 1e3, {"stage": stage},
                                      help="time per input and stage")
+        send_to = str(self.cfg.send_to) if self.cfg.send_to else None
         if result.status == "ok":
             sr_error = record.get("sr_error")
             # Findings written, SR not (an invalid source UID, a header highdicom refuses): done,
             # with the reason kept in the journal for `status`, and nothing to send.
-            self.journal.done(row.id, result.outputs, sr_error)
+            sr_uid = ((record.get("outputs") or {}).get("sr") or {}).get("sop_instance_uid")
+            state = self.journal.done(row.id, processed, result.outputs, sr_error, send_to, settle=self.cfg.settle,
+                                      claimed_version=row.version, sr_uid=sr_uid)
+            if state != "done":
+                log.info("#%d changed while it was processed; again with the new bytes", row.id)
+                return
             self.metrics.inc("cxr_edge_inputs", labels={"result": "ok"}, help="inputs processed")
             if sr_error:
                 self.metrics.inc("cxr_edge_sr_failures", help="inputs whose findings were written without their SR")
                 log.warning("#%d findings written without an SR: %s", row.id, sr_error["reason"])
             self.metrics.observe("cxr_edge_batch_size", timings.get("batch_size", 1), buckets=BATCH_BUCKETS,
                                  help="inference batch sizes")
-            try:
-                age = time.time() - row.mtime_ns / 1e9
-                self.metrics.observe("cxr_edge_arrival_to_output_seconds", age, help="file mtime to outputs written")
-            except (TypeError, ValueError):
-                pass
+            age = time.time() - row.mtime_ns / 1e9
+            self.metrics.observe("cxr_edge_arrival_to_output_seconds", age, help="file mtime to outputs written")
             uid = (record.get("dicom") or {}).get("sop_instance_uid")
             log.info("#%d done%s", row.id, f" (SOP Instance {uid})" if uid else "")
-            if self.cfg.send_to and "sr" in result.outputs:
-                self.journal.queue_send(row.id, result.outputs["sr"], str(self.cfg.send_to))
-            self._dispose(Path(row.path), row.relative, "done")
+            self._dispose(self.cfg.inbox / row.relative, row.relative, "done", row.identity)
             return
         error = result.error or {}
-        stage, reason = error.get("stage", "?"), error.get("reason", "?")
-        self.metrics.inc("cxr_edge_errors", labels={"stage": stage}, help="failed inputs by stage")
-        retry = stage in TRANSIENT_STAGES or (stage == "decode" and "truncated" in reason and self._young(row))
-        state = self.journal.failed(row.id, f"{stage}: {reason}", result.outputs, retry, row.attempts, self.cfg.max_attempts)
-        log.warning("#%d %s: %s: %s", row.id, "will retry" if state == "pending" else "failed", stage, reason)
+        stage, reason, kind = error.get("stage", "?"), error.get("reason", "?"), error.get("kind", "permanent")
+        state = self.journal.failed(row.id, processed, f"{stage}: {reason}", kind, result.outputs,
+                                    self.cfg.max_attempts, young=self._young(row), settle=self.cfg.settle,
+                                    claimed_version=row.version)
         if state == "failed":
-            self._dispose(Path(row.path), row.relative, "failed")
+            self.metrics.inc("cxr_edge_errors", labels={"stage": stage}, help="failed inputs by stage")
+            log.warning("#%d failed: %s: %s", row.id, stage, reason)
+            self._dispose(self.cfg.inbox / row.relative, row.relative, "failed", row.identity)
+        else:
+            self.metrics.inc("cxr_edge_retries", labels={"kind": kind}, help="inputs to be retried, by error kind")
+            log.warning("#%d will retry (%s): %s: %s", row.id, kind, stage, reason)
 
     def _young(self, row: Row) -> bool:
         return time.time() - row.mtime_ns / 1e9 < self.cfg.young_seconds
 
-    def _dispose(self, path: Path, relative: str, state: str) -> None:
-        if self.cfg.disposition == "leave" or not path.exists():
+    def _dispose(self, path: Path, relative: str, state: str, identity: tuple | None = None) -> None:
+        """Move or delete a finished input, only if it is still the file that was journaled: new
+        bytes renamed in meanwhile are a new input, never disposed of unprocessed."""
+        if self.cfg.disposition == "leave":
+            return
+        try:
+            if identity is not None and identity_of(os.lstat(path)) != tuple(identity):
+                return
+        except OSError:
             return
         try:
             if self.cfg.disposition == "delete":
@@ -282,11 +465,12 @@ class Daemon:
                 target = (self.cfg.processed_dir or self.cfg.state_dir / "processed") / state / output_stem(PurePath(relative))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(path), target)
-        except OSError as exc:
-            log.error("cannot %s a processed input: %s", self.cfg.disposition, exc.strerror or exc)
+        except (OSError, shutil.Error) as exc:  # shutil's messages quote paths: the type or strerror only
+            log.error("cannot %s a processed input: %s", self.cfg.disposition,
+                      getattr(exc, "strerror", None) or type(exc).__name__)
 
     # --- crash recovery -------------------------------------------------------------------------
-    def _recover(self) -> None:
+    def _recover(self, listener_leftovers: int = 0) -> None:
         """After a crash: no temp files, and every input caught mid-flight either done or redone."""
         removed = 0
         for folder, _, files in os.walk(self.cfg.out):
@@ -294,56 +478,159 @@ class Daemon:
                 if name.startswith(".") and name.endswith(".part"):  # atomic_write_bytes' temp files
                     Path(folder, name).unlink(missing_ok=True)
                     removed += 1
+        recovered, redone = self._recover_in_flight()
+        if removed or recovered or redone or listener_leftovers:
+            log.warning("recovered from an unclean stop: %d temp files removed (%d of the listener), %d inputs had "
+                        "complete outputs, %d will be redone", removed + listener_leftovers, listener_leftovers,
+                        recovered, redone)
+
+    def _recover_in_flight(self) -> tuple[int, int]:
+        """Rows left 'processing' (a crash, a journal that could not be written): outputs complete
+        -> done, with its SR send queued; else pending again (the redo overwrites its outputs)."""
         recovered = redone = 0
+        send_to = str(self.cfg.send_to) if self.cfg.send_to else None
         for row in self.journal.in_processing():
             complete = self._complete_outputs(row)
             if complete:
-                outputs, sr_error = complete
-                self.journal.done(row.id, outputs, sr_error)
+                outputs, sr_error, sr_uid = complete
+                self.journal.done(row.id, None, outputs, sr_error, send_to, sr_uid=sr_uid)
                 recovered += 1
+            elif row.claims >= POISON_CLAIMS:  # the daemon died every time it took this input: stop taking it
+                self._remove_orphan_sr(row)
+                self.journal.failed(row.id, None, f"decode: the daemon stopped {row.claims} times while processing "
+                                    "this input", UNEXPECTED, None, max_attempts=1)
+                log.error("#%d failed: the daemon stopped %d times while processing it", row.id, row.claims)
             else:
-                stem = self.cfg.out / output_stem(PurePath(row.relative))
-                stem.with_name(stem.name + ".sr.dcm").unlink(missing_ok=True)  # an SR without its JSON
+                self._remove_orphan_sr(row)
                 self.journal.requeue(row.id)
                 redone += 1
-        if removed or recovered or redone:
-            log.warning("recovered from an unclean stop: %d temp files removed, %d inputs had complete outputs, "
-                        "%d will be redone", removed, recovered, redone)
+        return recovered, redone
 
-    def _complete_outputs(self, row: Row) -> tuple[dict, dict | None] | None:
-        """(outputs, the record's sr_error) when the row's outputs are complete, else None."""
+    def _outputs_of(self, row: Row) -> tuple[Path, Path]:
+        stem = self.cfg.out / output_stem(PurePath(row.relative))
+        return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".sr.dcm")
+
+    def _read_record(self, json_path: Path) -> dict | None:
         import json
 
-        stem = self.cfg.out / output_stem(PurePath(row.relative))
-        json_path = stem.with_name(stem.name + ".json")
         try:
-            record = json.loads(json_path.read_text())
+            return json.loads(json_path.read_text())
         except (OSError, ValueError):
             return None
-        if record.get("status") != "ok" or record.get("input", {}).get("sha256") != row.sha256:
+
+    def _complete_outputs(self, row: Row) -> tuple[dict, dict | None, str | None] | None:
+        """(outputs, the record's sr_error, the SR's UID) when the row's outputs are complete."""
+        json_path, _ = self._outputs_of(row)
+        record = self._read_record(json_path)
+        if not record or record.get("status") != "ok" or not row.sha256 \
+                or (record.get("input") or {}).get("sha256") != row.sha256:
             return None
         outputs = {"json": str(json_path)}
-        sr = (record.get("outputs") or {}).get("sr")
+        sr = (record.get("outputs") or {}).get("sr") or {}
         if sr:
             if not Path(sr["path"]).is_file():
                 return None
             outputs["sr"] = sr["path"]
-        return outputs, record.get("sr_error")
+        return outputs, record.get("sr_error"), sr.get("sop_instance_uid")
+
+    def _remove_orphan_sr(self, row: Row) -> None:
+        """An SR written just before the crash, without its JSON, is removed; the SR of the
+        complete outputs of an earlier version of the file (named in its JSON) is kept."""
+        json_path, sr_path = self._outputs_of(row)
+        if not sr_path.exists():
+            return
+        record = self._read_record(json_path) or {}
+        if record.get("status") == "ok" and ((record.get("outputs") or {}).get("sr") or {}).get("path") == str(sr_path):
+            try:
+                import pydicom
+
+                uid = str(pydicom.dcmread(sr_path, stop_before_pixels=True).SOPInstanceUID)
+            except Exception:  # unreadable: not the complete SR the JSON names
+                uid = None
+            if uid == record["outputs"]["sr"].get("sop_instance_uid"):
+                return
+        sr_path.unlink(missing_ok=True)
+
+    def _release_in_flight(self) -> None:
+        """On the way out nothing stays 'processing': the normal path finished every claimed
+        row; after a failure, what is left goes back to pending."""
+        try:
+            for row in self.journal.in_processing():
+                self.journal.requeue(row.id)
+        except sqlite3.Error as exc:  # the next start recovers them
+            log.error("cannot release in-flight inputs: %s", exc)
 
     # --- SR sending -----------------------------------------------------------------------------
     def _send_loop(self) -> None:
-        from .dicom_net import Peer, send_sr
-
         while not self.stopping.wait(0.5):
-            for send_id, sr_path, destination, attempts in self.journal.due_sends():
+            self.watchdog.beat("sender")
+            try:
+                due = self.journal.due_sends()
+            except sqlite3.Error as exc:
+                self._journal_failed(exc)
+                continue
+            for send_id, sr_path, sr_uid, destination, attempts in due:
+                if self.stopping.is_set():
+                    return
+                state, problem = self._send_one(Path(sr_path), sr_uid, destination)
+                self.watchdog.beat("sender")
                 try:
-                    problem = send_sr(Path(sr_path), Peer.parse(destination), self.cfg.calling_ae)
-                except Exception as exc:  # network down, PACS away: retried with backoff
-                    problem = f"{type(exc).__name__}: {exc}"
-                self.journal.send_result(send_id, problem is None, problem, attempts + 1)
-                self.metrics.inc("cxr_edge_sr_sends", labels={"result": "ok" if problem is None else "retry"},
+                    self.journal.send_result(send_id, state, problem, attempts + 1)
+                except sqlite3.Error as exc:  # sent again later: the SR's UID makes that harmless
+                    self._journal_failed(exc)
+                    break
+                self.metrics.inc("cxr_edge_sr_sends", labels={"result": {"pending": "retry"}.get(state, state)},
                                  help="SR C-STORE attempts")
-                if problem:
+                if state == "sent":
+                    log.info("SR sent to %s", destination)
+                elif state == "pending":
                     log.warning("SR send to %s failed (attempt %d), will retry: %s", destination, attempts + 1, problem)
                 else:
-                    log.info("SR sent to %s", destination)
+                    log.error("SR send to %s %s: %s", destination, state, problem)
+
+    def _send_one(self, sr_path: Path, sr_uid: str | None, destination: str) -> tuple[str, str | None]:
+        """(new send state, why not sent). Network and PACS trouble is retried; an SR file that
+        is gone or replaced by a newer version's SR is not (its own send carries the newer one)."""
+        import pydicom
+
+        from .dicom_net import Peer, send_sr
+
+        try:
+            found = str(pydicom.dcmread(sr_path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        except FileNotFoundError:
+            return "failed", "the SR file is gone"
+        except OSError as exc:
+            return "pending", f"cannot read the SR file: {exc.strerror or type(exc).__name__}"
+        except Exception as exc:  # noqa: BLE001 - not a readable DICOM file any more
+            return "failed", f"the SR file is not readable DICOM ({type(exc).__name__})"
+        if sr_uid and found != sr_uid:
+            return "superseded", "a newer version of the input replaced this SR"
+        try:
+            problem = send_sr(sr_path, Peer.parse(destination), self.cfg.calling_ae)
+        except Exception as exc:  # network down, PACS away: retried with backoff; paths stay out of the log
+            problem = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or 'no detail'}"
+        return ("sent", None) if problem is None else ("pending", problem)
+
+
+def _refusal(info) -> str | None:
+    """Why an inbox entry is not read at all (it is never opened), or None for a regular file."""
+    import stat
+
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (not followed: deliver regular files into the inbox)"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    return "not a regular file (a FIFO, socket or device)"
+
+
+def _remove_listener_leftovers(inbox: Path) -> int:
+    """Temp files of the DICOM listener that a crash left mid-write (never anyone else's)."""
+    try:
+        from .dicom_net import remove_receiving_temp_files
+    except ImportError:
+        return 0
+    return remove_receiving_temp_files(inbox)
+
