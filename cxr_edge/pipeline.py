@@ -72,23 +72,33 @@ def _file_sha256(path: Path, follow_symlinks: bool = True) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def confined_regular_file(path: Path, root: Path) -> None:
-    """For the service: an inbox entry is read only when it is a regular file reached without
-    any symbolic link, inside the inbox (no link out of or around it)."""
+def inbox_entry_refusal(path: Path, info, root: Path) -> str | None:
+    """Why the service must not read an inbox entry (`info`: its lstat), or None: only a regular
+    file reached without any symbolic link, inside the inbox (no link out of or around it)."""
     import stat
 
+    mode = info.st_mode
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (not followed: deliver regular files into the inbox)"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device)"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(path.parent), real_root]) != real_root:
+        return "reached through a symbolic link to a folder outside the inbox (not followed)"
+    return None
+
+
+def confined_regular_file(path: Path, root: Path) -> None:
+    """The worker's side of inbox_entry_refusal: the entry may have changed since the intake."""
     try:
         info = os.lstat(path)
     except OSError as exc:
         raise InputError("read", f"cannot read file: {exc.strerror}", os_error_kind(exc)) from exc
-    if stat.S_ISLNK(info.st_mode):
-        raise InputError("read", "a symbolic link (not followed: deliver regular files into the inbox)")
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError("read", "a folder, not a file" if stat.S_ISDIR(info.st_mode)
-                         else "not a regular file (a FIFO, socket or device)")
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([os.path.realpath(path.parent), real_root]) != real_root:
-        raise InputError("read", "reached through a symbolic link to a folder outside the inbox (not followed)")
+    refusal = inbox_entry_refusal(path, info, root)
+    if refusal is not None:
+        raise InputError("read", refusal)
 
 
 def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine: Path | None = None) -> Prepared:

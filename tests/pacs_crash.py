@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_helpers import DaemonProcess, drop, wait_for  # noqa: E402
-from pacs_roundtrip import ORTHANC_DICOM, ORTHANC_HTTP, rest, wait_port  # noqa: E402
+from pacs_roundtrip import ORTHANC_DICOM, ORTHANC_HTTP, rest, start_orthanc, stop, wait_port  # noqa: E402
 
 SOURCES = 20
 
@@ -50,15 +50,7 @@ def sends(journal: Path) -> dict[str, int]:
 def main(workdir: Path, dicoms: list[Path]) -> int:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "orthanc.json"
-    config.write_text(json.dumps({
-        "Name": "cxr-edge-crash", "StorageDirectory": str(workdir / "orthanc-db"),
-        "IndexDirectory": str(workdir / "orthanc-db"), "DicomAet": "ORTHANC", "DicomPort": ORTHANC_DICOM,
-        "HttpPort": ORTHANC_HTTP, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
-    }))
-    orthanc = subprocess.Popen(["Orthanc", str(config)], stdout=open(workdir / "orthanc.log", "w"),
-                               stderr=subprocess.STDOUT)
+    orthanc = start_orthanc(workdir)
     daemons = []
     try:
         wait_port(ORTHANC_HTTP)
@@ -100,12 +92,7 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
             if daemon.proc.poll() is None:
                 os.killpg(daemon.proc.pid, signal.SIGKILL)
                 daemon.proc.wait(30)
-        orthanc.terminate()
-        try:
-            orthanc.wait(30)
-        except subprocess.TimeoutExpired:
-            orthanc.kill()
-            orthanc.wait()
+        stop(orthanc)
 
 
 if __name__ == "__main__":

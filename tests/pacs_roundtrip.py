@@ -51,17 +51,40 @@ def rest(path: str, body: dict | None = None):
         return json.loads(response.read())
 
 
-def main(workdir: Path, dicoms: list[Path]) -> int:
-    import pydicom
-
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    workdir.mkdir(parents=True, exist_ok=True)
+def write_orthanc_config(workdir: Path) -> Path:
+    """Orthanc as the test PACS: AE ORTHANC, storing whatever it is sent, no HTTP auth (loopback
+    of a private network namespace only)."""
     config = workdir / "orthanc.json"
     config.write_text(json.dumps({
         "Name": "cxr-edge-test", "StorageDirectory": str(workdir / "orthanc-db"), "IndexDirectory": str(workdir / "orthanc-db"),
         "DicomAet": "ORTHANC", "DicomPort": ORTHANC_DICOM, "HttpPort": ORTHANC_HTTP, "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
     }))
+    return config
+
+
+def start_orthanc(workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(["Orthanc", str(write_orthanc_config(workdir))], stdout=open(workdir / "orthanc.log", "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(workdir: Path, dicoms: list[Path]) -> int:
+    import pydicom
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     daemon_log = open(workdir / "daemon.log", "w")
     daemon = subprocess.Popen([sys.executable, "-m", "cxr_edge", "watch", str(workdir / "inbox"), "--out", str(workdir / "out"),
                                "--listen", f"CXREDGE@127.0.0.1:{DAEMON_PORT}", "--allow", "MODALITY",
@@ -78,8 +101,7 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
             raise SystemExit(f"storescu failed: {sent.stderr}")
         # The PACS is down at first: the SR sends must wait in the journal and be retried.
         failed_sends = wait_for_failed_sends(workdir / "out" / ".cxr-edge" / "journal.sqlite3", len(dicoms))
-        orthanc = subprocess.Popen(["Orthanc", str(config)], stdout=open(workdir / "orthanc.log", "w"),
-                                   stderr=subprocess.STDOUT)
+        orthanc = start_orthanc(workdir)
         wait_port(ORTHANC_HTTP)
         sources = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in dicoms}
         deadline = time.monotonic() + 120
@@ -94,14 +116,8 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
                           "inbox_files": sorted(p.name for p in (workdir / "inbox").glob("*.dcm"))}))
         return 0 if len(srs) == len(dicoms) and studies == sources else 1
     finally:
-        for proc in (daemon, orthanc):
-            if proc:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop(daemon)
+        stop(orthanc)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from ..errors import UNEXPECTED, CxrEdgeError, ModelPackageError
 from ..limits import MIN_SIDE
 from ..outputs import output_stem
 from ..sources import InputItem
-from .dicom_net import Peer
+from .dicom_net import Peer, remove_receiving_temp_files
 from .journal import Journal, Row, backoff, identity_of
 from .notify import Watchdog, notify
 from .telemetry import BATCH_BUCKETS, Metrics
@@ -101,7 +101,7 @@ class Daemon:
         self._check_folders()
         self._lock_fd = lock_state_dir(cfg.state_dir)
         self.journal = Journal(cfg.journal_path)
-        removed = _remove_listener_leftovers(cfg.inbox)
+        removed = remove_receiving_temp_files(cfg.inbox)  # the listener's, left mid-write by a crash
         self._recover(removed)
         self.pool, self.pipeline, self.runner = self._build(self._load_package())
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -322,7 +322,7 @@ class Daemon:
     def _offer(self, path: Path) -> float | None:
         """Called by the watcher for an inbox entry that looks complete: journal it once.
         Returns None when dealt with, else the seconds after which to offer it again."""
-        from ..pipeline import _file_sha256
+        from ..pipeline import _file_sha256, inbox_entry_refusal
 
         relative = path.relative_to(self.cfg.inbox).as_posix()
         undecodable = None
@@ -339,7 +339,7 @@ class Daemon:
             log.error("cannot look at an inbox entry: %s; will try again", exc.strerror)
             return 30.0
         identity = identity_of(info)
-        refusal = _refusal(info) or self._outside_inbox(path) or undecodable
+        refusal = inbox_entry_refusal(path, info, self.cfg.inbox) or undecodable
         sha256 = ""
         try:
             if refusal is None:
@@ -370,13 +370,6 @@ class Daemon:
             self.wake.set()
         else:
             self._seen_again(path, row)
-        return None
-
-    def _outside_inbox(self, path: Path) -> str | None:
-        """A file reached through a link to a folder elsewhere is never read."""
-        real_inbox = os.path.realpath(self.cfg.inbox)
-        if os.path.commonpath([os.path.realpath(path.parent), real_inbox]) != real_inbox:
-            return "reached through a symbolic link to a folder outside the inbox (not followed)"
         return None
 
     def _seen_again(self, path: Path, row: Row) -> None:
@@ -610,27 +603,3 @@ class Daemon:
         except Exception as exc:  # network down, PACS away: retried with backoff; paths stay out of the log
             problem = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or 'no detail'}"
         return ("sent", None) if problem is None else ("pending", problem)
-
-
-def _refusal(info) -> str | None:
-    """Why an inbox entry is not read at all (it is never opened), or None for a regular file."""
-    import stat
-
-    mode = info.st_mode
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISLNK(mode):
-        return "a symbolic link (not followed: deliver regular files into the inbox)"
-    if stat.S_ISDIR(mode):
-        return "a folder, not a file"
-    return "not a regular file (a FIFO, socket or device)"
-
-
-def _remove_listener_leftovers(inbox: Path) -> int:
-    """Temp files of the DICOM listener that a crash left mid-write (never anyone else's)."""
-    try:
-        from .dicom_net import remove_receiving_temp_files
-    except ImportError:
-        return 0
-    return remove_receiving_temp_files(inbox)
-
