@@ -128,13 +128,13 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     finally:
         pool.close()
 
-    from .outputs import atomic_write_bytes, strict_json
+    from .atomic import atomic_write, strict_json
     from .records import summary_line
 
     results.sort(key=lambda r: r.item.relative.as_posix())  # completion order varies run to run
     lines = [summary_line(r.record, r.outputs) for r in results]
     summary_path = out / "summary.jsonl"
-    atomic_write_bytes(summary_path, "".join(strict_json(line) + "\n" for line in lines).encode())
+    atomic_write(summary_path, "".join(strict_json(line) + "\n" for line in lines).encode())
     failed = [r for r in results if r.status != "ok"]
     without_sr = [r for r in results if r.status == "ok" and r.record.get("sr_error")]
     summary = {
@@ -587,7 +587,7 @@ def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, it
         click.echo(json.dumps(report, indent=2))
         return
     if json_path:
-        from .outputs import atomic_write_json
+        from .atomic import atomic_write_json
 
         atomic_write_json(Path(json_path), report)
     print_report(report)

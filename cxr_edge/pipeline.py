@@ -451,7 +451,8 @@ class Pipeline:
         written all the same and records why (`sr_error`). `write` is the work of it: building the
         SR (wherever that ran) and writing the files; time the SR spent queued in the pool shows
         in `end_to_end` only."""
-        from .outputs import atomic_write_bytes, atomic_write_json, output_stem
+        from .atomic import atomic_write, atomic_write_json
+        from .outputs import output_stem
         from .records import findings_record
 
         started = time.perf_counter() - (sr[3] / 1e3 if sr else 0.0)
@@ -464,7 +465,7 @@ class Pipeline:
             try:
                 data, sop_uid, series_uid, _ = sr or encode_sr(prepared.dicom_header, findings, self.identity,
                                                                sr_uids(prepared.sha256, self.identity))
-                atomic_write_bytes(sr_path, data)
+                atomic_write(sr_path, data)
                 outputs["sr"] = str(sr_path)
                 record["outputs"]["sr"] = {"path": str(sr_path), "sop_instance_uid": sop_uid,
                                            "series_instance_uid": series_uid}
@@ -495,7 +496,8 @@ class Pipeline:
         return Result(prepared.item, "ok", record, {"json": str(json_path), **outputs})
 
     def _error(self, prepared: Prepared, stage: str, reason: str, kind: str = PERMANENT) -> Result:
-        from .outputs import atomic_write_json, output_stem
+        from .atomic import atomic_write_json
+        from .outputs import output_stem
         from .records import error_record
 
         record = error_record(prepared, stage, reason, self.model_info, self.backend_info, kind)

@@ -19,12 +19,13 @@ import ipaddress
 import logging
 import os
 import re
-import secrets
 import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -170,34 +171,16 @@ def remove_receiving_temp_files(inbox: Path) -> int:
     return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _store_instance(inbox: Path, uid: str, parts: Sequence[bytes | memoryview]) -> Path:
-    """Write PARTS to INBOX/<uid>.dcm via a temp name, fsync, rename, fsync the folder. UID must
-    be valid (is_valid_uid), which makes it a safe file name. On failure no temp file is left."""
+    """Write PARTS to INBOX/<uid>.dcm atomically, under a temp name the intake ignores and the
+    next start removes. UID must be valid (is_valid_uid), which makes it a safe file name."""
     final = inbox / f"{uid}.dcm"
-    tmp = inbox / f"{RECEIVING_PREFIX}{uid}.{secrets.token_hex(8)}{RECEIVING_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with open(fd, "wb", closefd=True) as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(inbox)
+
+    def write(f) -> None:
+        for part in parts:
+            f.write(part)
+
+    atomic_write(final, write, temp_prefix=f"{RECEIVING_PREFIX}{uid}.", temp_suffix=RECEIVING_SUFFIX)
     return final
 
 

@@ -468,7 +468,7 @@ class Daemon:
         removed = 0
         for folder, _, files in os.walk(self.cfg.out):
             for name in files:
-                if name.startswith(".") and name.endswith(".part"):  # atomic_write_bytes' temp files
+                if name.startswith(".") and name.endswith(".part"):  # atomic_write's temp files
                     Path(folder, name).unlink(missing_ok=True)
                     removed += 1
         recovered, redone = self._recover_in_flight()
