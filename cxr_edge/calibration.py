@@ -6,8 +6,6 @@ numpy only: `python -m train calibrate` (validation logits from torch) and `cxr-
 
 from __future__ import annotations
 
-import copy
-import datetime
 import re
 
 import numpy as np
@@ -51,17 +49,3 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray, policy: str = "youde
         "min_examples_per_side": MIN_EXAMPLES_PER_SIDE,
         "report": calibration_report(labels, logits, temperatures),
     }
-
-
-def calibrated_manifest(manifest: dict, fit: dict, fitted_on: str, version: str) -> dict:
-    """A copy of `manifest` with new temperatures, thresholds and report, under a new version."""
-    out = copy.deepcopy(manifest)
-    previous = {"version": manifest["version"], "calibration": manifest["calibration"], "thresholds": manifest["thresholds"]}
-    out["version"] = version
-    out["calibration"] = {"method": "temperature", "temperatures": fit["temperatures"], "fitted_on": fitted_on,
-                          "positives": fit["positives"], "temperature_fitted": fit["temperature_fitted"],
-                          **fit["report"]}
-    out["thresholds"] = {"policy": fit["threshold_policy"], "values": fit["thresholds"], "chosen_on": fitted_on}
-    out.setdefault("recalibrations", []).append(
-        previous | {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    return out

@@ -85,7 +85,9 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     from .backends import create_backend, select_backend
     from .errors import CxrEdgeError
     from .manifest import ModelPackage
-    from .pipeline import DecodePool, Pipeline, default_workers, quiet_dicom_warnings
+    from .pipeline import Pipeline
+    from .prepare import quiet_dicom_warnings
+    from .workers import WorkerPool, default_workers
     from .sources import discover
 
     quiet_dicom_warnings()
@@ -107,11 +109,12 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
 
     workers = workers or default_workers()
     # The decode processes are forked before the backend starts its threads.
-    pool = DecodePool(workers, package.preprocess_params, min_side=min_side)
+    pool = WorkerPool(workers, package.preprocess_params, min_side=min_side)
+    runner = None
     try:
         try:
             runner = create_backend(package, selection.backend, selection.precision, selection.artifact, threads=threads)
-            runner.__enter__()
+            runner.activate()
         except CxrEdgeError as exc:
             _fail_usage(_one_line(exc))
         except Exception as exc:  # a runtime refusing an artifact whose sha256 matched (corrupt when built)
@@ -124,8 +127,9 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
         started = time.perf_counter()
         results = _run_with_progress(pipeline, items, pool)
         elapsed = time.perf_counter() - started
-        runner.__exit__(None, None, None)
     finally:
+        if runner is not None:
+            runner.deactivate()
         pool.close()
 
     from .atomic import atomic_write, strict_json
@@ -184,11 +188,11 @@ def calibrate(inputs, labels_csv, model_dir, out_dir, policy, new_version, preci
     import datetime
 
     from .backends import create_backend, select_backend
-    from .calibration import calibrated_manifest, fit_calibration, parse_policy
+    from .calibration import fit_calibration, parse_policy
     from .errors import CxrEdgeError
     from .labeled import logits_for, match_labels
     from .manifest import ModelPackage, write_package_copy
-    from .pipeline import quiet_dicom_warnings
+    from .prepare import quiet_dicom_warnings
 
     quiet_dicom_warnings()
     try:
@@ -198,9 +202,9 @@ def calibrate(inputs, labels_csv, model_dir, out_dir, policy, new_version, preci
         if Path(out_dir).exists():
             _fail_usage(f"{out_dir}: already exists; choose a new folder for the new package")
         selection = select_backend(package, "onnxruntime", precision)
-        with create_backend(package, "onnxruntime", precision, selection.artifact, threads=threads) as runner:
-            log.info("calibrating %s %s (%s) on %d labeled images", package.name, package.version, precision, len(labeled.items))
-            logits, ok, failures = logits_for(labeled.items, package, runner, batch_size, workers)
+        runner = create_backend(package, "onnxruntime", precision, selection.artifact, threads=threads)
+        log.info("calibrating %s %s (%s) on %d labeled images", package.name, package.version, precision, len(labeled.items))
+        logits, ok, failures = logits_for(labeled.items, package, runner, batch_size, workers)
     except (CxrEdgeError, ValueError) as exc:
         _fail_usage(str(exc))
     for item, reason in failures:
@@ -212,7 +216,7 @@ def calibrate(inputs, labels_csv, model_dir, out_dir, policy, new_version, preci
     today = datetime.date.today().strftime("%Y%m%d")
     version = new_version or f"{package.version.split('+')[0]}+site.{today}"
     fitted_on = f"site data: {len(labels)} labeled images ({Path(labels_csv).name}), {precision} logits"
-    manifest = calibrated_manifest(package.manifest, fit, fitted_on, version)
+    manifest = package.recalibrated(fit, fitted_on, version)
     try:
         new = write_package_copy(package, out_dir, manifest)
     except (CxrEdgeError, OSError) as exc:
@@ -291,7 +295,7 @@ def build_engine(model_dir, out_dir, int8, fp16, calib, calib_count, holdout, ho
     import dataclasses
 
     from .errors import CxrEdgeError
-    from .pipeline import quiet_dicom_warnings
+    from .prepare import quiet_dicom_warnings
 
     try:
         from engines.build import BuildOptions, build
@@ -319,7 +323,7 @@ def build_engine(model_dir, out_dir, int8, fp16, calib, calib_count, holdout, ho
             from .manifest import ModelPackage, write_package_copy
 
             source = ModelPackage.load(model_dir)
-            model_dir = write_package_copy(source, out_dir, source.manifest).root
+            model_dir = write_package_copy(source, out_dir).root
         report = build(model_dir, options, Path(report_path) if report_path else None)
     except (CxrEdgeError, ValueError) as exc:
         _fail_usage(str(exc))
@@ -560,7 +564,7 @@ def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, it
     from .bench.run import Settings, run_bench
     from .errors import CxrEdgeError
     from .manifest import ModelPackage
-    from .pipeline import quiet_dicom_warnings
+    from .prepare import quiet_dicom_warnings
     from .sources import discover
 
     quiet_dicom_warnings()
@@ -571,7 +575,7 @@ def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, it
         package = ModelPackage.load(model_dir)
     except CxrEdgeError as exc:
         _fail_usage(str(exc))
-    available = {v.get("precision", k) for k, v in package.manifest["artifacts"].items()}
+    available = package.precisions()
     settings = Settings(backends=backends or ("onnxruntime", "tensorrt"),
                         precisions=precisions or tuple(p for p in ("fp32", "fp16", "int8") if p in available),
                         batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, duration=duration, mode=mode,

@@ -63,23 +63,13 @@ def match_labels(inputs: list[str | Path], labels_csv: str | Path) -> LabeledSet
     return LabeledSet([by_name[n] for n in names], np.stack([rows[n] for n in names]), len(by_name) - len(names))
 
 
-def logits_for(items: list[InputItem], package, backend, batch_size: int = 8, workers: int | None = None):
-    """(logits [n_ok, L], index of each ok item, [(item, reason)] for failures), in input order."""
-    from .pipeline import DecodePool, default_workers
+def logits_for(items: list[InputItem], package, runner, batch_size: int = 8, workers: int | None = None):
+    """(logits [n_ok, L], index of each ok item, [(item, reason)] for failures), in input order.
+    `runner` must not be active yet: the decode workers are forked first."""
+    from .workers import tensors_for
 
-    pool = DecodePool(workers or default_workers(), package.preprocess_params, min_side=0)  # a site's labeled set: its own choice
-    position = {str(item.path): i for i, item in enumerate(items)}  # items come back pickled
-    tensors, failures = {}, []
-    try:
-        for prepared in pool.prepared(items, window=2 * (workers or default_workers()) + batch_size):
-            if prepared.error:
-                failures.append((prepared.item, f"{prepared.error['stage']}: {prepared.error['reason']}"))
-            else:
-                tensors[position[str(prepared.item.path)]] = prepared.tensor
-    finally:
-        pool.close()
-    order = sorted(tensors)
-    logits = [backend.infer(np.stack([tensors[i] for i in order[s : s + batch_size]]))
-              for s in range(0, len(order), batch_size)]
+    decoded = tensors_for(items, package.preprocess_params, workers)  # a site's labeled set: its own choice of sizes
+    with runner:
+        logits = [runner.infer(decoded.tensors[s : s + batch_size]) for s in range(0, len(decoded.tensors), batch_size)]
     out = np.concatenate(logits) if logits else np.zeros((0, len(LABELS)), np.float32)
-    return out, np.asarray(order, dtype=np.int64), failures
+    return out, decoded.ok, decoded.failures

@@ -11,11 +11,17 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+import shutil
+import copy
+import datetime
+import functools
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write, publish_dir, staging_dir
 from .errors import ModelPackageError
 from .labels import LABELS
 from .preprocess import PreprocessParams
@@ -34,18 +40,56 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-@dataclass
+class ArtifactFormat(StrEnum):
+    ONNX = "onnx"
+    TENSORRT = "tensorrt"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One entry of the package's `artifacts`: a file, its sha256 and what it is."""
+
+    key: str
+    file: str
+    sha256: str
+    format: ArtifactFormat
+    precision: str  # a Precision value for what cxr-edge builds; free text is kept as it was
+    cpu_ms_per_image: float | None = None  # measured at build time (CPU), to pick the faster INT8
+    max_batch: int = 1  # TensorRT optimisation profile's max
+    stamp: dict = field(default_factory=dict)  # TensorRT: what the engine was built for (backends.stamp)
+    fields: dict = field(default_factory=dict)  # the whole entry, for reports
+
+    @classmethod
+    def from_entry(cls, key: str, entry: dict) -> "Artifact":
+        return cls(key, entry["file"], str(entry["sha256"]).lower(), ArtifactFormat(entry.get("format", "onnx")),
+                   str(entry.get("precision", key)),
+                   float(entry["cpu_ms_per_image"]) if "cpu_ms_per_image" in entry else None,
+                   int(entry.get("profile", {}).get("max_batch", 1)), copy.deepcopy(entry.get("stamp", {})),
+                   copy.deepcopy(entry))
+
+
 class ModelPackage:
-    root: Path
-    manifest: dict
+    """A validated model package; nothing outside this module reads the manifest itself."""
+
+    def __init__(self, root: str | Path, manifest: dict):
+        """Raises ModelPackageError (naming the manifest and the field) when `manifest` is not valid."""
+        self.root = Path(root)
+        self._manifest = manifest
+        self.validate()
+
+    def __repr__(self) -> str:
+        return f"ModelPackage({str(self.root)!r}, {self.name!r} {self.version!r})"
 
     # --- loading ---------------------------------------------------------------------------
     @classmethod
@@ -72,9 +116,7 @@ class ModelPackage:
             manifest = json.loads(data)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
             raise ModelPackageError(f"{path}: unreadable manifest: {_one_line(exc)}") from exc
-        package = cls(root, manifest)
-        package.validate()
-        return package
+        return cls(root, manifest)
 
     def validate(self) -> None:
         """Every field the runtime reads, checked for presence, type and range: a bad manifest is a
@@ -84,7 +126,7 @@ class ModelPackage:
         def fail(problem: str):
             raise ModelPackageError(f"{where}: {problem}")
 
-        m = self.manifest
+        m = self._manifest
         if not isinstance(m, dict):
             fail(f"the manifest is a JSON {_json_type(m)}, not an object")
         if m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_FORMAT_VERSION:
@@ -123,90 +165,146 @@ class ModelPackage:
     # --- contents ----------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self._manifest["name"]
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return str(self._manifest["version"])
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return tuple(self.manifest["labels"])
+        return tuple(self._manifest["labels"])
 
     @property
     def temperatures(self) -> np.ndarray:
-        return np.asarray(self.manifest["calibration"]["temperatures"], dtype=np.float64)
+        return np.asarray(self._manifest["calibration"]["temperatures"], dtype=np.float64)
 
     @property
     def thresholds(self) -> np.ndarray:
-        return np.asarray(self.manifest["thresholds"]["values"], dtype=np.float64)
+        return np.asarray(self._manifest["thresholds"]["values"], dtype=np.float64)
 
     @property
     def preprocess_params(self) -> PreprocessParams:
-        return PreprocessParams.from_manifest(self.manifest["preprocessing"])
+        return PreprocessParams.from_manifest(self._manifest["preprocessing"])
 
-    def artifact(self, key: str) -> dict:
-        artifacts = self.manifest["artifacts"]
+    @property
+    def preprocessing_id(self) -> str:
+        """The preprocessing contract and its version, as records name it ("contract/vN")."""
+        entry = self._manifest["preprocessing"]
+        return f"{entry.get('contract')}/v{entry.get('version')}"
+
+    @property
+    def architecture_name(self) -> str | None:
+        return self._manifest.get("architecture", {}).get("timm_name")
+
+    def section(self, name: str) -> dict:
+        """A copy of an informational section (architecture, provenance, export, metrics, ...);
+        {} when absent. The runtime's own fields have typed properties instead."""
+        value = self._manifest.get(name)
+        return copy.deepcopy(value) if isinstance(value, dict) else {}
+
+    def describe(self, artifact_sha256: str) -> dict:
+        """The model as a findings record names it."""
+        return {"name": self.name, "version": self.version, "sha256": artifact_sha256,
+                "architecture": self.architecture_name, "preprocessing": self.preprocessing_id}
+
+    # --- artifacts ---------------------------------------------------------------------------
+    def artifacts(self, precision: str | None = None, format: str | None = None) -> list[Artifact]:
+        """The artifacts with this precision and format (any, when None), sorted by key."""
+        found = [Artifact.from_entry(key, entry) for key, entry in sorted(self._manifest["artifacts"].items())]
+        return [a for a in found if (precision is None or a.precision == precision)
+                and (format is None or a.format == format)]
+
+    def artifact(self, key: str) -> Artifact:
+        artifacts = self._manifest["artifacts"]
         if key not in artifacts:
             raise ModelPackageError(
                 f"{self.root}: no {key!r} artifact (has: {', '.join(sorted(artifacts)) or 'none'})"
                 + ("; build it with `cxr-edge build-engine`" if key != "fp32" else "")
             )
-        return artifacts[key]
+        return Artifact.from_entry(key, artifacts[key])
+
+    def precisions(self) -> set[str]:
+        return {a.precision for a in self.artifacts()}
 
     def read_verified(self, key: str) -> bytes:
         """The artifact's bytes, refused unless they match the manifest's sha256."""
         entry = self.artifact(key)
-        path = self.root / entry["file"]
-        if Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts:
-            raise ModelPackageError(f"{self.root}: artifact path {entry['file']!r} leaves the package")
+        path = self.root / entry.file
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ModelPackageError(f"{path}: cannot read artifact: {exc.strerror or type(exc).__name__}") from exc
         actual = sha256_bytes(data)
-        if actual != str(entry["sha256"]).lower():
+        if actual != entry.sha256:
             raise ModelPackageError(
-                f"{path}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
+                f"{path}: sha256 {actual} does not match the manifest's {entry.sha256}; "
                 "the file is corrupt or was replaced, refusing to load it"
             )
         return data
 
-    # --- writing (train export, build-engine) ------------------------------------------------
-    def add_artifact(self, key: str, filename: str, **fields) -> dict:
+    def verified_loader(self, key: str):
+        """A loader (Polygraphy's habit: a callable a runner calls when it activates)."""
+        self.artifact(key)  # an unknown key fails now, not at activation
+        return functools.partial(self.read_verified, key)
+
+    # --- new packages (train export, calibrate, build-engine) ----------------------------------
+    def to_manifest(self) -> dict:
+        """A deep copy of the manifest, to derive a new package from."""
+        return copy.deepcopy(self._manifest)
+
+    def recalibrated(self, fit: dict, fitted_on: str, version: str) -> dict:
+        """This manifest with new temperatures, thresholds and report (`fit`:
+        calibration.fit_calibration's result) under a new version; the old ones are kept under
+        `recalibrations`."""
+        out = self.to_manifest()
+        previous = {"version": out["version"], "calibration": out["calibration"], "thresholds": out["thresholds"]}
+        out["version"] = version
+        out["calibration"] = {"method": "temperature", "temperatures": fit["temperatures"], "fitted_on": fitted_on,
+                              "positives": fit["positives"], "temperature_fitted": fit["temperature_fitted"],
+                              **fit["report"]}
+        out["thresholds"] = {"policy": fit["threshold_policy"], "values": fit["thresholds"], "chosen_on": fitted_on}
+        out.setdefault("recalibrations", []).append(
+            previous | {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        return out
+
+    def add_artifact(self, key: str, filename: str, **fields) -> Artifact:
+        """Register a file of the package folder as an artifact (its sha256 read now), then validate."""
         entry = {"file": filename, "sha256": sha256_file(self.root / filename), **fields}
-        self.manifest.setdefault("artifacts", {})[key] = entry
-        return entry
+        artifacts = self._manifest.setdefault("artifacts", {})
+        previous = artifacts.get(key)
+        artifacts[key] = entry
+        try:
+            self.validate()
+        except ModelPackageError:
+            if previous is None:
+                del artifacts[key]
+            else:
+                artifacts[key] = previous
+            raise
+        return Artifact.from_entry(key, entry)
 
     def save(self) -> Path:
         self.validate()
         path = self.root / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write(path, (json.dumps(self._manifest, indent=2) + "\n").encode())
         return path
 
 
-def write_package_copy(source: ModelPackage, target: str | Path, manifest: dict) -> ModelPackage:
-    """A new package at `target`: `source`'s artifacts (sha256-verified) under a new manifest.
-
-    Built in a sibling staging folder and renamed into place, so `target` is complete or absent.
-    """
-    import shutil
-
+def write_package_copy(source: ModelPackage, target: str | Path, manifest: dict | None = None) -> ModelPackage:
+    """A new package at `target`: `source`'s artifacts (sha256-verified) under `manifest`
+    (default: the source's). Built in a sibling staging folder and renamed into place, so
+    `target` is complete or absent."""
     target = Path(target)
     if target.exists():
         raise ModelPackageError(f"{target}: already exists; choose a new folder for the new package")
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    manifest = source.to_manifest() if manifest is None else manifest
+    staging = staging_dir(target)
     try:
         for key, entry in manifest["artifacts"].items():
-            data = source.read_verified(key)
-            (staging / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
-            (staging / entry["file"]).write_bytes(data)
+            atomic_write(staging / entry["file"], source.read_verified(key))
         ModelPackage(staging, manifest).save()
-        staging.rename(target)
+        publish_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -63,22 +63,14 @@ def choose(images: ImageSet, count: int, seed: int = 0, exclude: set[Path] = fro
 
 def load_tensors(images: ImageSet, params, workers: int | None = None) -> tuple[np.ndarray, ImageSet]:
     """Decode + preprocess; images that fail are logged and dropped (with their labels)."""
-    from cxr_edge.pipeline import DecodePool, default_workers
+    from cxr_edge.workers import tensors_for
 
     items = [InputItem(p.absolute(), Path(p.name)) for p in images.paths]
-    workers = workers or default_workers()
-    pool = DecodePool(workers, params, min_side=0)  # thumbnails are fine for calibration: no minimum size
-    tensors: dict[str, np.ndarray] = {}
-    try:
-        for prepared in pool.prepared(items, window=4 * workers):
-            if prepared.error:
-                log.warning("%s: not used: %s: %s", prepared.item.path, prepared.error["stage"], prepared.error["reason"])
-            else:
-                tensors[str(prepared.item.path)] = prepared.tensor
-    finally:
-        pool.close()
-    keep = [i for i, item in enumerate(items) if str(item.path) in tensors]
+    decoded = tensors_for(items, params, workers)  # thumbnails are fine for calibration: no minimum size
+    for item, reason in decoded.failures:
+        log.warning("%s: not used: %s", item.path, reason)
+    keep = decoded.ok.tolist()
     if not keep:
         raise CxrEdgeError("none of the images could be decoded")
     kept = ImageSet([images.paths[i] for i in keep], images.labels[keep] if images.labels is not None else None)
-    return np.stack([tensors[str(items[i].path)] for i in keep]).astype(np.float32), kept
+    return decoded.tensors, kept

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from cxr_edge.calibration import calibrated_manifest, fit_calibration, parse_policy
+from cxr_edge.calibration import fit_calibration, parse_policy
 from cxr_edge.findings import sigmoid
 from cxr_edge.manifest import DEFAULT_PACKAGE, ModelPackage, sha256_file
 from cxr_edge.metrics import (
@@ -90,10 +90,10 @@ def test_metrics_against_hand_computed_values():
 def test_calibrated_manifest_keeps_the_previous_calibration():
     package = ModelPackage.load()
     labels, logits = _overconfident()
-    new = calibrated_manifest(package.manifest, fit_calibration(labels, logits), "test data", "9.9.9")
+    new = package.recalibrated(fit_calibration(labels, logits), "test data", "9.9.9")
     assert new["version"] == "9.9.9" and new["recalibrations"][-1]["version"] == package.version
-    assert new["artifacts"] == package.manifest["artifacts"]
-    assert package.manifest["version"] != "9.9.9"  # the original is not modified
+    assert new["artifacts"] == package.to_manifest()["artifacts"]
+    assert package.version != "9.9.9"  # the original is not modified
 
 
 def _calibrate(*args):
@@ -113,11 +113,11 @@ def test_cxr_edge_calibrate_on_bundled_samples(tmp_path):
     report = json.loads(proc.stdout)
     assert report["images"] == 6 and report["version"] == "0.1.0+site.test"
     new, old = ModelPackage.load(out), ModelPackage.load(DEFAULT_PACKAGE)
-    assert new.manifest["calibration"]["fitted_on"].startswith("site data: 6 labeled images")
+    assert new.to_manifest()["calibration"]["fitted_on"].startswith("site data: 6 labeled images")
     # 6 images: every class has < 5 positives, so every temperature stays 1 and says so
     assert np.all(new.temperatures == 1.0)
-    assert new.manifest["artifacts"]["fp32"]["sha256"] == old.manifest["artifacts"]["fp32"]["sha256"]
-    assert sha256_file(out / "model.onnx") == old.manifest["artifacts"]["fp32"]["sha256"]
+    assert new.to_manifest()["artifacts"]["fp32"]["sha256"] == old.to_manifest()["artifacts"]["fp32"]["sha256"]
+    assert sha256_file(out / "model.onnx") == old.to_manifest()["artifacts"]["fp32"]["sha256"]
     # the new package serves
     proc = subprocess.run([sys.executable, "-m", "cxr_edge", "infer", str(SAMPLES / "nih" / "00000100_000.png"),
                            "--out", str(tmp_path / "o"), "--model", str(out), "--json"], capture_output=True, text=True,

@@ -190,7 +190,8 @@ def test_recovery_keeps_an_sr_failure_on_record(tmp_path):
     from cxr_edge.daemon.journal import Journal, identity_of
     from cxr_edge.daemon.service import Daemon, DaemonConfig
     from cxr_edge.manifest import ModelPackage
-    from cxr_edge.pipeline import Pipeline, _file_sha256
+    from cxr_edge.pipeline import Pipeline
+    from cxr_edge.prepare import file_sha256
     from cxr_edge.sources import InputItem
 
     from . import realworld_corpus
@@ -204,7 +205,7 @@ def test_recovery_keeps_an_sr_failure_on_record(tmp_path):
     assert result.status == "ok" and result.record["sr_error"]["stage"] == "sr"
     (tmp_path / "state").mkdir()
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
-    journal.offer("a.dcm", identity_of(source.stat()), _file_sha256(source)[0])
+    journal.offer("a.dcm", identity_of(source.stat()), file_sha256(source)[0])
     (row,) = journal.claim_due(1)  # "processing" when the process died
     daemon = Daemon(DaemonConfig(inbox=inbox, out=out, state_dir=tmp_path / "state"))
     daemon.journal = journal

@@ -67,7 +67,7 @@ def test_int8_and_fp16_pass_the_gate_and_are_registered(built):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NO_TORCH" in proc.stderr  # the engines never import torch (DESIGN.md)
     assert set(report["artifacts"]) == {"fp16", "int8", "int8-dynamic"}
-    manifest = ModelPackage.load(package).manifest
+    manifest = ModelPackage.load(package).to_manifest()
     for key, entry in report["artifacts"].items():
         assert entry["passed"] and entry["registered"], (key, entry["reasons"])
         gate, tolerance = entry["gate"], entry["tolerance"]
@@ -248,7 +248,7 @@ def test_tensorrt_fp16_and_int8_engines_build_gate_and_run(built, tmp_path):
     report = json.loads((package / "build-report.json").read_text())
     engines = [k for k in report["artifacts"] if k.startswith("trt-")]
     assert engines and all(report["artifacts"][k]["registered"] for k in engines) and cache.is_file()
-    stamp = ModelPackage.load(package).manifest["artifacts"][engines[0]]["stamp"]
+    stamp = ModelPackage.load(package).to_manifest()["artifacts"][engines[0]]["stamp"]
     assert stamp["tensorrt_version"] == facts.tensorrt_version and stamp["compute_capability"] == facts.compute_capability
     proc = cli("infer", SAMPLES / "nih", "--out", tmp_path / "o", "--model", package, "--precision", "fp16", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["backend"]["name"] == "tensorrt"

@@ -31,7 +31,7 @@ def edit_manifest(root, change):
 
 def test_bundled_package_is_complete_and_honest():
     package = ModelPackage.load()
-    m = package.manifest
+    m = package.to_manifest()
     assert package.labels == LABELS
     assert "not a diagnostic" in m["description"].lower()
     assert m["provenance"]["training_data"] and m["provenance"]["initial_weights"]["sha256"]
@@ -59,7 +59,7 @@ def test_modified_artifact_is_refused(package_dir):
     with pytest.raises(ModelPackageError, match="does not match the manifest"):
         package.read_verified("fp32")
     with pytest.raises(ModelPackageError, match="does not match"):
-        create_backend(package).__enter__()
+        create_backend(package).activate()
 
 
 @pytest.mark.parametrize(
@@ -285,7 +285,7 @@ def test_loaded_package_properties_are_safe(tmp_path):
     for package in (ModelPackage.load(), ModelPackage.load(DEFAULT_PACKAGE)):
         assert package.name and package.version and package.labels == LABELS
         assert package.temperatures.shape == package.thresholds.shape == (len(LABELS),)
-        assert package.preprocess_params.size == package.manifest["preprocessing"]["size"]
+        assert package.preprocess_params.size == package.to_manifest()["preprocessing"]["size"]
     root = light_package(tmp_path)
     edit_manifest(root, lambda m: (m["preprocessing"].pop("resize"), m["preprocessing"].pop("mean"),
                                    m.update(version=2), m.pop("architecture")))
@@ -348,6 +348,5 @@ def test_random_damage_gives_a_package_error_or_a_working_package(tmp_path):
             select_backend(package, "onnxruntime", "fp32")
         except ModelPackageError:
             pass
-        arch = package.manifest.get("architecture", {}).get("timm_name")
-        assert arch is None or isinstance(arch, str)
+        assert package.architecture_name is None or isinstance(package.architecture_name, str)
     assert outcomes["refused"] > 100 and outcomes["loaded"] > 50, outcomes

@@ -8,10 +8,12 @@ import shutil
 
 import pytest
 
-import cxr_edge.pipeline as pipeline_module
+import cxr_edge.workers as workers_module
 from cxr_edge.backends import create_backend
 from cxr_edge.manifest import ModelPackage
-from cxr_edge.pipeline import DecodePool, Pipeline
+from cxr_edge.pipeline import Pipeline
+from cxr_edge.sinks import SRSink
+from cxr_edge.workers import WorkerPool
 from cxr_edge.sources import discover
 
 from .conftest import SAMPLES
@@ -55,7 +57,7 @@ def test_identical_inputs_give_identical_findings_whatever_the_batch(package, tm
             assert fa["probability"] == pytest.approx(fb["probability"], abs=1e-5)
 
 
-_real_prepare = pipeline_module.prepare
+_real_prepare = workers_module.prepare
 
 
 def crashing_prepare(item, *args):
@@ -69,7 +71,7 @@ def test_crashing_decoder_is_isolated(package, tmp_path, monkeypatch):
     inbox = make_inbox(tmp_path, 8)
     shutil.copy(SAMPLES / "nih" / "00001873_000.png", inbox / "crash.png")
     # The pool forks its workers, so they run the patched function.
-    monkeypatch.setattr(pipeline_module, "prepare", crashing_prepare)
+    monkeypatch.setattr(workers_module, "prepare", crashing_prepare)
     results = run_pipeline(package, inbox, tmp_path / "out")
     status = {r.item.path.name: r.status for r in results}
     assert len(status) == 9
@@ -91,10 +93,10 @@ def test_unwritable_output_is_an_error_record_not_a_crash(package, tmp_path):
     assert failed.status == "error" and failed.error["stage"] == "write"
 
 
-def test_decode_pool_prepares_every_item(package, tmp_path):
+def test_worker_pool_prepares_every_item(package, tmp_path):
     inbox = make_inbox(tmp_path, 3)
     items, _ = discover([inbox])
-    pool = DecodePool(2, package.preprocess_params)
+    pool = WorkerPool(2, package.preprocess_params)
     try:
         prepared = [p for p in pool.prepared(items, window=4) if p is not None]
         assert sorted(p.item.path.name for p in prepared) == ["img000.png", "img001.png", "img002.png"]
@@ -120,12 +122,12 @@ def test_srs_are_built_in_the_pool_and_here_when_the_pool_dies(package, tmp_path
     for name in ("a.dcm", "b.dcm"):
         shutil.copy(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm", inbox / name)
     in_pool = run_pipeline(package, inbox, tmp_path / "pool")
-    assert "building it on the main thread" not in caplog.text
-    monkeypatch.setattr(DecodePool, "submit_sr", lambda self, *args: self._executor.submit(crashing_encode_sr, *args))
-    pool = DecodePool(2, package.preprocess_params)  # one pool for two runs, as the daemon does
+    assert "redoing it on the main thread" not in caplog.text
+    monkeypatch.setattr(SRSink, "start", lambda self, inference, pool: pool.submit(crashing_encode_sr, *self._args(inference)))
+    pool = WorkerPool(2, package.preprocess_params)  # one pool for two runs, as the daemon does
     try:
         fallback = run_pipeline(package, inbox, tmp_path / "fallback", pool=pool)
-        assert "building it on the main thread" in caplog.text
+        assert "redoing it on the main thread" in caplog.text
         monkeypatch.undo()
         again = run_pipeline(package, inbox, tmp_path / "again", pool=pool)  # the broken pool is replaced
     finally:
@@ -190,7 +192,7 @@ def test_non_finite_probabilities_are_an_error_not_json_nan(package, tmp_path):
 def test_sr_uids_follow_the_input_bytes_and_the_model():
     from pydicom.uid import UID
 
-    from cxr_edge.pipeline import sr_uids
+    from cxr_edge.sinks import sr_uids
     from cxr_edge.sr import ModelIdentity
 
     model = ModelIdentity("m", "1", "f" * 64)

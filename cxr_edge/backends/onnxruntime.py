@@ -1,4 +1,4 @@
-"""ONNX Runtime on CPU: the backend that works everywhere."""
+"""ONNX Runtime on CPU: the runner that works everywhere."""
 
 from __future__ import annotations
 
@@ -8,27 +8,25 @@ import time
 import numpy as np
 
 from ..errors import ModelPackageError
-from ..manifest import ModelPackage
+from .base import Runner, Timings
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, precision: str = "fp32", threads: int | None = None,
-                 artifact: str | None = None):
-        self.package = package
-        self.precision = precision
-        self.artifact_key = artifact or precision  # e.g. "int8" (Q/DQ) or "int8-dynamic" for precision int8
+    def __init__(self, load_bytes, precision: str, artifact_key: str, artifact_sha256: str,
+                 threads: int | None = None, where: str = "the model package"):
+        """`load_bytes`: a loader returning the artifact's sha256-verified bytes."""
+        super().__init__(precision, artifact_key, artifact_sha256)
+        self.load_bytes, self.where = load_bytes, where
         self.threads = threads or len(os.sched_getaffinity(0))
         self.session = None
-        self.last_timings_ms: dict = {}
-        self.artifact_sha256 = package.artifact(self.artifact_key)["sha256"]
 
-    def __enter__(self) -> "OnnxRuntimeBackend":
+    def activate_impl(self) -> None:
         import onnxruntime as ort
 
         # Verified bytes go straight to the session: the file cannot change between check and load.
-        model_bytes = self.package.read_verified(self.artifact_key)
+        model_bytes = self.load_bytes()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
@@ -40,32 +38,21 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelPackageError(f"{self.package.root}: ONNX Runtime cannot load {self.artifact_key}: {exc}") from exc
+            raise ModelPackageError(f"{self.where}: ONNX Runtime cannot load {self.artifact_key}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def deactivate_impl(self) -> None:
         self.session = None
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        if self.session is None:
-            raise RuntimeError("backend not activated: use it as a context manager")
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+    def infer_impl(self, batch: np.ndarray) -> tuple[np.ndarray, Timings]:
         started = time.perf_counter()
         logits = self.session.run([self.output_name], {self.input_name: batch})[0]
-        # host memory in and out: no copies to time (h2d / d2h are None)
-        self.last_timings_ms = {"h2d": None, "compute": (time.perf_counter() - started) * 1e3, "d2h": None}
-        return logits
+        # host memory in and out: no copies to time
+        return logits, Timings(compute_ms=(time.perf_counter() - started) * 1e3)
 
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return {
-            "name": self.name,
-            "provider": "CPUExecutionProvider",
-            "precision": self.precision,
-            "artifact": self.artifact_key,
-            "threads": self.threads,
-            "onnxruntime": ort.__version__,
-        }
+        return {**super().describe(), "provider": "CPUExecutionProvider", "threads": self.threads,
+                "onnxruntime": ort.__version__}

@@ -14,9 +14,9 @@ from .stats import instability_warning, summarize
 
 def decode_rate(items, package, workers: int) -> dict:
     """Decode + preprocess alone, on the same worker pool as the pipeline: images per second."""
-    from ..pipeline import DecodePool
+    from ..workers import WorkerPool
 
-    pool = DecodePool(workers, package.preprocess_params)
+    pool = WorkerPool(workers, package.preprocess_params)
     try:
         list(pool.prepared(items[: min(len(items), 2 * workers)], window=2 * workers))  # start the workers
         started = time.perf_counter()
@@ -32,9 +32,10 @@ def bench_end_to_end(package, config: Config, items, *, batch_size: int, workers
                      model_rate: float | None, decode: dict, gflops_per_image: float | None,
                      gemm_gflop_s: float | None) -> dict:
     from ..backends import create_backend
-    from ..pipeline import DecodePool, Pipeline
+    from ..pipeline import Pipeline
+    from ..workers import WorkerPool
 
-    pool = DecodePool(workers, package.preprocess_params)  # forked before the backend's threads
+    pool = WorkerPool(workers, package.preprocess_params)  # forked before the backend's threads
     runner = create_backend(package, config.backend, config.precision, config.artifact, threads=threads)
     records, elapsed, failed, pass_rates = [], 0.0, 0, []
     try:

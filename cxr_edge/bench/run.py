@@ -35,7 +35,7 @@ class Settings:
 def sample_tensors(items, package, count: int) -> np.ndarray:
     """Real preprocessed images for the model stage (the first `count` that decode)."""
     from ..decode import DEFAULT_MAX_PIXELS
-    from ..pipeline import prepare
+    from ..prepare import prepare
 
     tensors = []
     for item in items:
@@ -50,13 +50,14 @@ def sample_tensors(items, package, count: int) -> np.ndarray:
 
 
 def run_bench(package, items, settings: Settings, progress=lambda message: None) -> dict:
-    from ..pipeline import default_workers
+    from ..workers import default_workers
 
     workers = settings.workers or default_workers()
     progress("decoding sample images")
     tensors = sample_tensors(items, package, settings.sample_images)
     progress("counting model FLOPs and measuring the GEMM reference")
-    reference = "fp32" if "fp32" in package.manifest["artifacts"] else next(iter(package.manifest["artifacts"]))
+    onnx = package.artifacts(format="onnx")
+    reference = next((a.key for a in onnx if a.precision == "fp32"), onnx[0].key if onnx else package.artifacts()[0].key)
     flops = model_gflops_per_image(package.read_verified(reference), tensors)
     gemm = gemm_rate()
     per_image = flops["gflops_per_image"]
@@ -68,7 +69,7 @@ def run_bench(package, items, settings: Settings, progress=lambda message: None)
         "schema": SCHEMA,
         "machine": machine_report(),
         "model": {"name": package.name, "version": package.version, "path": str(package.root),
-                  "architecture": package.manifest.get("architecture", {}).get("timm_name"),
+                  "architecture": package.architecture_name,
                   "input_shape": list(tensors.shape[1:]), **flops},
         "gemm": gemm,
         "settings": {**settings.__dict__, "workers": workers, "inputs": len(items)},

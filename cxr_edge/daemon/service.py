@@ -92,7 +92,7 @@ class Daemon:
 
     # --- life cycle -----------------------------------------------------------------------------
     def run(self) -> int:
-        from ..pipeline import quiet_dicom_warnings
+        from ..prepare import quiet_dicom_warnings
         from .state_lock import lock_state_dir
 
         cfg = self.cfg
@@ -221,18 +221,19 @@ class Daemon:
         import numpy as np
 
         from ..backends import create_backend, select_backend
-        from ..pipeline import DecodePool, Pipeline, default_workers
+        from ..pipeline import Pipeline
+        from ..workers import WorkerPool, default_workers
 
         cfg = self.cfg
         workers = cfg.workers or default_workers()
         # Decode workers are forked before the backend starts its threads.
-        pool = DecodePool(workers, package.preprocess_params, min_side=cfg.min_side, confine=cfg.inbox)
+        pool = WorkerPool(workers, package.preprocess_params, min_side=cfg.min_side, confine=cfg.inbox)
         runner = None
         try:
             selection = select_backend(package, cfg.backend, cfg.precision)
             runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
                                     threads=cfg.threads)
-            runner.__enter__()
+            runner.activate()
             p = package.preprocess_params
             runner.infer(np.zeros((1, p.channels, p.size, p.size), np.float32))  # warm-up before the first study
             pipeline = Pipeline(package, runner, cfg.out, workers=workers, max_batch=cfg.max_batch,
@@ -240,7 +241,7 @@ class Daemon:
         except BaseException as exc:
             pool.close()
             if runner is not None:
-                runner.__exit__(None, None, None)
+                runner.deactivate()
             if isinstance(exc, CxrEdgeError) or not isinstance(exc, Exception):
                 raise
             # onnxruntime refusing a model whose sha256 matched: one line, not a traceback
@@ -322,7 +323,7 @@ class Daemon:
     def _offer(self, path: Path) -> float | None:
         """Called by the watcher for an inbox entry that looks complete: journal it once.
         Returns None when dealt with, else the seconds after which to offer it again."""
-        from ..pipeline import _file_sha256, inbox_entry_refusal
+        from ..prepare import file_sha256, inbox_entry_refusal
 
         relative = path.relative_to(self.cfg.inbox).as_posix()
         undecodable = None
@@ -348,7 +349,7 @@ class Daemon:
                     self._seen_again(path, known)
                     return None
                 try:
-                    sha256, _ = _file_sha256(path, follow_symlinks=False)
+                    sha256, _ = file_sha256(path, follow_symlinks=False)
                 except FileNotFoundError:
                     return None
                 except CxrEdgeError as exc:  # replaced by a FIFO or device since the lstat: refused

@@ -1,0 +1,152 @@
+"""Worker-side preparation: read, hash, decode and preprocess one input into a model tensor.
+
+Runs in the worker processes of `workers.WorkerPool`; everything here must be picklable and
+must never raise for a bad input: a failure becomes `Prepared.error` at the stage it happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PERMANENT, UNEXPECTED, InputError, os_error_kind
+from .sources import InputItem
+
+
+@dataclass
+class Prepared:
+    """What a worker hands back: the model input, or the error that stopped it."""
+
+    item: InputItem
+    tensor: np.ndarray | None = None
+    format: str | None = None
+    info: dict = field(default_factory=dict)
+    dicom_header: object | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    timings_ms: dict = field(default_factory=dict)
+    started_at: float | None = None  # perf_counter (CLOCK_MONOTONIC: the same clock in every process)
+    error: dict | None = None  # {"stage", "reason", "kind"} (kinds: cxr_edge.errors)
+
+
+def file_sha256(path: Path, follow_symlinks: bool = True) -> tuple[str, int]:
+    """(sha256, size of what was hashed). Without `follow_symlinks` a symbolic link is refused
+    (ELOOP) and only a regular file is read: opened non-blocking, so a FIFO put in its place
+    cannot hang the reader."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW | os.O_NONBLOCK)
+    with open(os.open(path, flags), "rb") as f:
+        if not follow_symlinks and not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InputError("read", "not a regular file (a FIFO, socket or device)")
+        digest = hashlib.file_digest(f, "sha256")
+        return digest.hexdigest(), f.tell()
+
+
+def inbox_entry_refusal(path: Path, info, root: Path) -> str | None:
+    """Why the service must not read an inbox entry (`info`: its lstat), or None: only a regular
+    file reached without any symbolic link, inside the inbox (no link out of or around it)."""
+    mode = info.st_mode
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (not followed: deliver regular files into the inbox)"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device)"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(path.parent), real_root]) != real_root:
+        return "reached through a symbolic link to a folder outside the inbox (not followed)"
+    return None
+
+
+def confined_regular_file(path: Path, root: Path) -> None:
+    """The worker's side of inbox_entry_refusal: the entry may have changed since the intake."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise InputError("read", f"cannot read file: {exc.strerror}", os_error_kind(exc)) from exc
+    refusal = inbox_entry_refusal(path, info, root)
+    if refusal is not None:
+        raise InputError("read", refusal)
+
+
+def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine: Path | None = None) -> Prepared:
+    """Hash, decode, preprocess one input. With `confine` (the service's inbox) symbolic links
+    are not followed and the file must lie inside it."""
+    from .decode import decode_file, require_regular_file
+    from .preprocess import preprocess
+
+    prepared = Prepared(item, started_at=time.perf_counter())
+    try:
+        t0 = prepared.started_at  # decode includes reading and hashing the file
+        if confine is not None:
+            confined_regular_file(item.path, confine)
+        require_regular_file(item.path)  # before hashing: a FIFO would block the worker for ever
+        prepared.sha256, prepared.size_bytes = file_sha256(item.path, follow_symlinks=confine is None)
+        decoded = decode_file(item.path, max_pixels=max_pixels, min_side=min_side)
+        t1 = time.perf_counter()
+        prepared.tensor = preprocess(decoded.pixels, params)
+        t2 = time.perf_counter()
+    except InputError as exc:
+        prepared.error = {"stage": exc.stage, "reason": exc.reason, "kind": exc.kind}
+        return prepared
+    except OSError as exc:
+        prepared.error = {"stage": "read", "reason": f"cannot read file: {exc.strerror or exc}",
+                          "kind": os_error_kind(exc)}
+        return prepared
+    except MemoryError:
+        prepared.error = {"stage": "decode", "reason": "out of memory while decoding", "kind": UNEXPECTED}
+        return prepared
+    except Exception as exc:  # a decoder bug must not take the run down; the same bytes fail again
+        # its message may quote header values: the reason names the exception type only
+        prepared.error = {"stage": "decode", "reason": f"unexpected {type(exc).__name__} while decoding",
+                          "kind": PERMANENT}
+        return prepared
+    prepared.format, prepared.info, prepared.dicom_header = decoded.format, decoded.info, decoded.dicom_header
+    prepared.timings_ms = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
+    return prepared
+
+
+def quiet_dicom_warnings() -> None:
+    """pydicom/highdicom warnings and log records quote header values (a malformed birth date, a
+    name) and file paths: none may reach a log. A filter by module is not enough (pydicom
+    attributes its warnings to the caller's frame), so every warning is dropped in the runtime's
+    processes, and those libraries' loggers are silenced; what they warn about is checked by
+    our own code, which reports attribute names instead."""
+    import pydicom.config
+
+    warnings.simplefilter("ignore")
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    for module in ("pydicom", "highdicom", "PIL"):  # PIL logs EXIF / PNG text chunks at DEBUG
+        logger = logging.getLogger(module)
+        logger.setLevel(logging.CRITICAL + 1)
+        logger.propagate = False
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent died (SIGKILL, OOM killer) would linger forever: leave too."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def init_worker() -> None:
+    import signal
+
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the process pool
+    # Ctrl-C and SIGHUP reach the whole process group, but stopping and reloading are the main
+    # process's business: it drains, then closes the pool. SIGTERM stays fatal, so a broken
+    # pool can still terminate its workers.
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    quiet_dicom_warnings()

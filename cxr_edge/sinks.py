@@ -1,0 +1,165 @@
+"""Sinks: where an input's findings go besides its JSON record (the DICOM SR now; heatmaps and
+tables next), behind one small interface the batcher drives.
+
+For each input the batcher asks every sink that `accepts` it to `start` its expensive work
+(in a worker process, so the batcher never waits on it), then, once that is done, to `write`
+its file next to the JSON record. The JSON record is written last by `RecordWriter`: its
+presence marks a complete set of outputs, and a record that cannot be written takes the
+sinks' files back with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_write, atomic_write_json
+from .errors import PERMANENT, CxrEdgeError, os_error_kind
+from .prepare import Prepared
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inference:
+    """One input after the model: what every sink writes from."""
+
+    prepared: Prepared
+    findings: list  # [cxr_edge.findings.Finding], in label order
+    timings_ms: dict
+    stem: Path  # output path without suffix: OUT/<sanitized relative path>
+
+
+@dataclass
+class Written:
+    """A sink's output for one input: its file and the entry under the record's `outputs`."""
+
+    path: Path
+    entry: dict
+    work_ms: float = 0.0  # building the output, wherever it ran (shows in the `write` timing)
+
+
+class SinkFailure(CxrEdgeError):
+    """A sink could not write its output. `kind` permanent: the findings are written without
+    this output, with the reason; any other kind (a full disk) fails the whole input, to be retried."""
+
+    def __init__(self, reason: str, kind: str = PERMANENT):
+        super().__init__(reason)
+        self.reason, self.kind = reason, kind
+
+
+class Sink:
+    name = "sink"  # the record's `outputs` key; a failure is recorded under `<name>_error`
+
+    def accepts(self, inference: Inference) -> bool:
+        return True
+
+    def start(self, inference: Inference, pool) -> Future | None:
+        """Begin the expensive part off the main thread (pool: workers.WorkerPool); None: nothing to do."""
+        return None
+
+    def write(self, inference: Inference, work) -> Written:
+        """Write the output (`work`: the started future's result, or None when it was lost
+        with a crashed worker: do it here then). Raises SinkFailure."""
+        raise NotImplementedError
+
+
+# --- the DICOM SR -----------------------------------------------------------------------------
+def sr_uids(input_sha256: str | None, identity) -> dict:
+    """The SR's series and SOP Instance UIDs, derived from the input's bytes and the model: the
+    same input read by the same model gives the same SR UID, so an SR made again (a redo after a
+    crash, a re-send) is the same instance to the PACS, never a second report."""
+    from pydicom.uid import generate_uid
+
+    if not input_sha256:
+        return {}
+    seed = [input_sha256, identity.name, identity.version, identity.sha256]
+    return {"series_instance_uid": generate_uid(entropy_srcs=[*seed, "series"]),
+            "sop_instance_uid": generate_uid(entropy_srcs=[*seed, "instance"])}
+
+
+@dataclass(frozen=True)
+class EncodedSR:
+    data: bytes
+    sop_instance_uid: str
+    series_instance_uid: str
+    build_ms: float
+
+
+def encode_sr(header, findings, identity, uids: dict | None = None) -> EncodedSR:
+    """Build the SR and encode it (in a worker process)."""
+    from .outputs import dicom_bytes
+    from .sr import build_sr
+
+    started = time.perf_counter()
+    sr = build_sr(header, findings, identity, **(uids or {}))
+    return EncodedSR(dicom_bytes(sr), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID),
+                     (time.perf_counter() - started) * 1e3)
+
+
+def sr_failure(exc: BaseException) -> str:
+    """Why an SR could not be made, in words that name attributes, never their values: our own
+    errors are worded that way; a library's message may quote a header value, so only its type."""
+    if isinstance(exc, CxrEdgeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot write the SR: {exc.strerror or type(exc).__name__}"
+    return f"cannot build the SR ({type(exc).__name__})"
+
+
+class SRSink(Sink):
+    """A TID 1500 Structured Report for every DICOM input: OUT/<stem>.sr.dcm."""
+
+    name = "sr"
+    suffix = ".sr.dcm"
+
+    def __init__(self, identity):
+        self.identity = identity  # sr.ModelIdentity
+
+    def accepts(self, inference: Inference) -> bool:
+        return inference.prepared.dicom_header is not None
+
+    def _args(self, inference: Inference) -> tuple:
+        prepared = inference.prepared
+        return prepared.dicom_header, inference.findings, self.identity, sr_uids(prepared.sha256, self.identity)
+
+    def start(self, inference: Inference, pool) -> Future:
+        return pool.submit(encode_sr, *self._args(inference))
+
+    def write(self, inference: Inference, work: EncodedSR | None) -> Written:
+        try:
+            sr = work or encode_sr(*self._args(inference))
+        except Exception as exc:  # highdicom refusing the content
+            raise SinkFailure(sr_failure(exc)) from exc
+        path = inference.stem.with_name(inference.stem.name + self.suffix)
+        try:
+            atomic_write(path, sr.data)
+        except OSError as exc:
+            raise SinkFailure(f"cannot write the SR: {exc.strerror or type(exc).__name__}", os_error_kind(exc)) from exc
+        entry = {"path": str(path), "sop_instance_uid": sr.sop_instance_uid,
+                 "series_instance_uid": sr.series_instance_uid}
+        return Written(path, entry, sr.build_ms)
+
+
+def failure_of(exc: BaseException) -> SinkFailure:
+    """A sink's started work that raised: as the sink would have reported it."""
+    return exc if isinstance(exc, SinkFailure) else SinkFailure(sr_failure(exc))
+
+
+# --- the JSON record --------------------------------------------------------------------------
+class RecordWriter:
+    """OUT/<stem>.json: the findings record (or the error record) of every input."""
+
+    suffix = ".json"
+
+    def path_for(self, stem: Path) -> Path:
+        return stem.with_name(stem.name + self.suffix)
+
+    def write(self, stem: Path, record: dict) -> Path:
+        path = self.path_for(stem)
+        atomic_write_json(path, record)
+        return path
+
