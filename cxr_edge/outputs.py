@@ -6,8 +6,6 @@ import hashlib
 import re
 from pathlib import Path, PurePath
 
-SCHEMA = "cxr-edge/findings"
-SCHEMA_VERSION = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 # Output names (README "Outputs"). A relative input path keeps its name when every component is

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import PERMANENT, UNEXPECTED, os_error_kind
 from .prepare import Prepared
+from .records import FindingsRecord, StageError, error_record, findings_record
 from .sinks import Inference, RecordWriter, Sink, SinkFailure, SRSink, failure_of
 from .sources import InputItem
 from .workers import WorkerPool, default_workers
@@ -37,12 +38,12 @@ class Status(StrEnum):
 class Result:
     item: InputItem
     status: Status
-    record: dict  # the JSON record as written (schema cxr-edge/findings)
+    record: FindingsRecord  # as written to OUT/<stem>.json
     outputs: dict = field(default_factory=dict)  # {"json": path, "sr": path, ...}
 
     @property
-    def error(self) -> dict | None:
-        return self.record.get("error")
+    def error(self) -> StageError | None:
+        return self.record.error
 
 
 @dataclass
@@ -190,8 +191,6 @@ class Pipeline:
         the JSON is written all the same and records why (`<sink>_error`); when one fails in a
         way that may pass (a full disk), the whole input fails, to be retried, with no output
         left behind. `write` in the timings is the work of it, wherever it ran."""
-        from .records import findings_record
-
         prepared = inference.prepared
         wall_started = time.perf_counter()
         work_ms = 0.0
@@ -206,26 +205,26 @@ class Pipeline:
                 if failure.kind != PERMANENT:
                     _remove(written)
                     return self._error(prepared, "write", failure.reason, failure.kind)
-                record[f"{sink.name}_error"] = {"stage": sink.name, "reason": failure.reason}
+                record.output_errors[sink.name] = StageError(sink.name, failure.reason)
                 if self.log_names:
                     log.warning("%s: findings written, %s not: %s", prepared.item.relative.as_posix(),
                                 sink.name.upper(), failure.reason)
                 continue
             work_ms += output.work_ms
             written.append(output.path)
-            record["outputs"][sink.name] = output.entry
+            record.outputs[sink.name] = output.entry
         finished = time.perf_counter()
-        record["timings_ms"]["write"] = round(work_ms + (finished - wall_started) * 1e3, 3)
+        record.timings_ms["write"] = work_ms + (finished - wall_started) * 1e3
         if prepared.started_at is not None:  # decode start -> outputs written
-            record["timings_ms"]["end_to_end"] = round((finished - prepared.started_at) * 1e3, 3)
+            record.timings_ms["end_to_end"] = (finished - prepared.started_at) * 1e3
         try:
-            json_path = self.records.write(inference.stem, record)
+            json_path = self.records.write(inference.stem, record.to_json())
         except (OSError, ValueError) as exc:  # disk full, read-only: report, go on
             _remove(written)  # no half set of outputs: all or nothing
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             kind = os_error_kind(exc) if isinstance(exc, OSError) else UNEXPECTED
             return self._error(prepared, "write", f"cannot write outputs: {reason}", kind)
-        outputs = {"json": str(json_path), **{name: entry["path"] for name, entry in record["outputs"].items()}}
+        outputs = {"json": str(json_path), **{name: entry["path"] for name, entry in record.outputs.items()}}
         return Result(prepared.item, Status.OK, record, outputs)
 
     @staticmethod
@@ -243,15 +242,13 @@ class Pipeline:
             raise failure_of(exc) from exc
 
     def _error(self, prepared: Prepared, stage: str, reason: str, kind: str = PERMANENT) -> Result:
-        from .records import error_record
-
         record = error_record(prepared, stage, reason, self.model_info, self.backend_info, kind)
         if self.log_names:
             log.warning("%s: %s failed: %s", prepared.item.relative.as_posix(), stage, reason)
         outputs = {}
         stem = self._stem(prepared)
         try:
-            outputs["json"] = str(self.records.write(stem, record))
+            outputs["json"] = str(self.records.write(stem, record.to_json()))
         except OSError as exc:
             log.error("%s: cannot write error record: %s", self.records.path_for(stem) if self.log_names else "an input",
                       exc.strerror or type(exc).__name__)

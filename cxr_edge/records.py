@@ -1,17 +1,25 @@
-"""The per-input JSON record (schema cxr-edge/findings v1) and the run summary line.
+"""The per-input JSON record (schema cxr-edge/findings v1) as a typed class, and the run summary line.
 
 Only identifiers leave the image: DICOM UIDs (each checked to be a valid UID, else null), file
 path and sha256. No names, dates or other patient attributes are written to JSON or logs.
+The writer (pipeline), the daemon's recovery and the tests read and write records through
+`FindingsRecord` only, so the schema lives in one place.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import __version__
 from .findings import Finding
 from .labels import NO_FINDING
-from .outputs import SCHEMA, SCHEMA_VERSION
+
+SCHEMA = "cxr-edge/findings"
+SCHEMA_VERSION = 1
+OK, ERROR = "ok", "error"  # pipeline.Status's values
 
 DICOM_UID_KEYS = {
     "study_instance_uid": "StudyInstanceUID",
@@ -25,6 +33,111 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+@dataclass(frozen=True)
+class StageError:
+    """Why an input failed (`error`), or why one of its outputs could not be made (`<sink>_error`)."""
+
+    stage: str
+    reason: str
+    kind: str | None = None  # cxr_edge.errors kinds; an output's error has none
+    file: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in (("stage", self.stage), ("reason", self.reason), ("kind", self.kind),
+                                  ("file", self.file)) if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StageError":
+        return cls(data["stage"], data["reason"], data.get("kind"), data.get("file"))
+
+
+@dataclass
+class FindingsRecord:
+    status: str  # "ok" | "error"
+    input: dict  # path, relative_path, sha256, size_bytes, format
+    model: dict
+    backend: dict
+    dicom: dict | None = None  # the source's UIDs
+    image: dict | None = None
+    findings: list[Finding] = field(default_factory=list)  # every label but No Finding, in label order
+    no_finding: Finding | None = None
+    timings_ms: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)  # sink name -> {"path", ...}
+    error: StageError | None = None
+    output_errors: dict[str, StageError] = field(default_factory=dict)  # sink name -> why it has no output
+    created: str = field(default_factory=_now)
+    cxr_edge_version: str = __version__
+
+    # --- what readers ask -------------------------------------------------------------------
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def positive_findings(self) -> list[str]:
+        return [f.label for f in self.findings if f.positive]
+
+    @property
+    def input_sha256(self) -> str | None:
+        return self.input.get("sha256")
+
+    @property
+    def sr(self) -> dict:
+        """The SR output's entry ({} when there is none): path, sop_instance_uid, series_instance_uid."""
+        return self.outputs.get("sr") or {}
+
+    @property
+    def sr_error(self) -> StageError | None:
+        return self.output_errors.get("sr")
+
+    # --- JSON -------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        data = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "status": self.status, "created": self.created,
+                "cxr_edge_version": self.cxr_edge_version, "input": self.input, "dicom": self.dicom,
+                "image": self.image, "model": self.model, "backend": self.backend}
+        if self.ok:
+            data["findings"] = [f.as_dict() for f in self.findings]
+            data["no_finding"] = self.no_finding.as_dict() if self.no_finding else None
+            data["positive_findings"] = self.positive_findings
+            data["timings_ms"] = {k: round(v, 3) for k, v in self.timings_ms.items()}
+            data["outputs"] = self.outputs
+        else:
+            data["error"] = self.error.to_json() if self.error else None
+        for name, error in self.output_errors.items():
+            data[f"{name}_error"] = error.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FindingsRecord":
+        """Raises ValueError when `data` is not a cxr-edge/findings v1 record."""
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"not a {SCHEMA} v{SCHEMA_VERSION} record")
+        try:
+            findings = [_finding(f) for f in data.get("findings") or []]
+            no_finding = _finding(data["no_finding"]) if data.get("no_finding") else None
+            errors = {key.removesuffix("_error"): StageError.from_json(value) for key, value in data.items()
+                      if key.endswith("_error") and isinstance(value, dict)}
+            return cls(data["status"], data["input"], data["model"], data["backend"], data.get("dicom"),
+                       data.get("image"), findings, no_finding, data.get("timings_ms") or {}, data.get("outputs") or {},
+                       StageError.from_json(data["error"]) if data.get("error") else None, errors,
+                       data.get("created", ""), data.get("cxr_edge_version", ""))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed {SCHEMA} record ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def read(cls, path: Path) -> "FindingsRecord | None":
+        """The record in `path`, or None when it is missing, unreadable or not a record."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError):
+            return None
+
+
+def _finding(data: dict) -> Finding:
+    return Finding(data["label"], float(data["probability"]), float(data["threshold"]))
+
+
+# --- building records in the pipeline -----------------------------------------------------------
 def input_section(prepared) -> dict:
     return {
         "path": str(prepared.item.path),
@@ -49,56 +162,34 @@ def dicom_section(header) -> dict | None:
     return section
 
 
-def base_record(prepared, model: dict, backend: dict) -> dict:
-    return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "status": "ok",
-        "created": _now(),
-        "cxr_edge_version": __version__,
-        "input": input_section(prepared),
-        "dicom": dicom_section(prepared.dicom_header),
-        "image": prepared.info or None,
-        "model": model,
-        "backend": backend,
-    }
+def findings_record(prepared, findings: list[Finding], model: dict, backend: dict, timings_ms: dict) -> FindingsRecord:
+    return FindingsRecord(OK, input_section(prepared), model, backend, dicom_section(prepared.dicom_header),
+                          prepared.info or None, [f for f in findings if f.label != NO_FINDING],
+                          next(f for f in findings if f.label == NO_FINDING), dict(timings_ms))
 
 
-def findings_record(prepared, findings: list[Finding], model: dict, backend: dict, timings_ms: dict) -> dict:
-    record = base_record(prepared, model, backend)
-    by_label = {f.label: f for f in findings}
-    record["findings"] = [f.as_dict() for f in findings if f.label != NO_FINDING]
-    record["no_finding"] = by_label[NO_FINDING].as_dict()
-    record["positive_findings"] = [f.label for f in findings if f.positive and f.label != NO_FINDING]
-    record["timings_ms"] = {k: round(v, 3) for k, v in timings_ms.items()}
-    record["outputs"] = {}
-    return record
-
-
-def error_record(prepared, stage: str, reason: str, model: dict, backend: dict, kind: str = "permanent") -> dict:
+def error_record(prepared, stage: str, reason: str, model: dict, backend: dict, kind: str = "permanent") -> FindingsRecord:
     """`kind` (permanent, incomplete, transient, unexpected: see cxr_edge.errors) says whether
     the same input may succeed later."""
-    record = base_record(prepared, model, backend)
-    record["status"] = "error"
-    record["error"] = {"stage": stage, "reason": reason, "kind": kind, "file": str(prepared.item.path)}
-    return record
+    return FindingsRecord(ERROR, input_section(prepared), model, backend, dicom_section(prepared.dicom_header),
+                          prepared.info or None, error=StageError(stage, reason, kind, str(prepared.item.path)))
 
 
-def summary_line(record: dict, outputs: dict) -> dict:
+def summary_line(record: FindingsRecord, outputs: dict) -> dict:
     line = {
-        "input": record["input"]["relative_path"],
-        "path": record["input"]["path"],
-        "sha256": record["input"]["sha256"],
-        "status": record["status"],
+        "input": record.input["relative_path"],
+        "path": record.input["path"],
+        "sha256": record.input_sha256,
+        "status": record.status,
         "outputs": outputs,
     }
-    if record["status"] == "ok":
-        line["positive_findings"] = record["positive_findings"]
-        line["no_finding"] = record["no_finding"]["positive"]
-        if record["dicom"]:
-            line["sop_instance_uid"] = record["dicom"]["sop_instance_uid"]
-        if record.get("sr_error"):
-            line["sr_error"] = record["sr_error"]
+    if record.ok:
+        line["positive_findings"] = record.positive_findings
+        line["no_finding"] = record.no_finding.positive
+        if record.dicom:
+            line["sop_instance_uid"] = record.dicom["sop_instance_uid"]
+        if record.sr_error:
+            line["sr_error"] = record.sr_error.to_json()
     else:
-        line["error"] = record["error"]
+        line["error"] = record.error.to_json()
     return line

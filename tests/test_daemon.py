@@ -202,7 +202,7 @@ def test_recovery_keeps_an_sr_failure_on_record(tmp_path):
     package = ModelPackage.load()
     with create_backend(package, threads=1) as backend:
         (result,) = Pipeline(package, backend, out, workers=1).run([InputItem(source, source.relative_to(inbox))])
-    assert result.status == "ok" and result.record["sr_error"]["stage"] == "sr"
+    assert result.status == "ok" and result.record.sr_error.stage == "sr"
     (tmp_path / "state").mkdir()
     journal = Journal(tmp_path / "state" / "journal.sqlite3")
     journal.offer("a.dcm", identity_of(source.stat()), file_sha256(source)[0])

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from cxr_edge.labels import FINDINGS, LABELS
-from cxr_edge.outputs import SCHEMA, SCHEMA_VERSION
+from cxr_edge.records import SCHEMA, SCHEMA_VERSION
 from cxr_edge.sr import read_sr_findings
 
 from .conftest import SAMPLES, need_tool, shared

@@ -41,7 +41,7 @@ def run_pipeline(package, inbox, out, pool=None, **options):
 
 def test_batches_fill_up_to_max_batch(package, tmp_path):
     results = run_pipeline(package, make_inbox(tmp_path, 13), tmp_path / "out", max_batch=4, max_delay_ms=2000)
-    sizes = [r.record["timings_ms"]["batch_size"] for r in results]
+    sizes = [r.record.timings_ms["batch_size"] for r in results]
     assert len(results) == 13 and all(r.status == "ok" for r in results)
     assert max(sizes) == 4 and sizes.count(4) >= 8  # a long max delay lets batches fill
 
@@ -50,7 +50,7 @@ def test_identical_inputs_give_identical_findings_whatever_the_batch(package, tm
     inbox = make_inbox(tmp_path, 6)
     one = run_pipeline(package, inbox, tmp_path / "a", max_batch=1)
     many = run_pipeline(package, inbox, tmp_path / "b", max_batch=6, max_delay_ms=2000)
-    by_name = lambda results: {r.item.relative: r.record["findings"] for r in results}  # noqa: E731
+    by_name = lambda results: {r.item.relative: [f.as_dict() for f in r.record.findings] for r in results}  # noqa: E731
     a, b = by_name(one), by_name(many)
     for name in a:
         for fa, fb in zip(a[name], b[name]):
@@ -90,7 +90,7 @@ def test_unwritable_output_is_an_error_record_not_a_crash(package, tmp_path):
     status = {r.item.path.name: r for r in results}
     assert status["img001.png"].status == "ok"
     failed = status["img000.png"]
-    assert failed.status == "error" and failed.error["stage"] == "write"
+    assert failed.status == "error" and failed.error.stage == "write"
 
 
 def test_worker_pool_prepares_every_item(package, tmp_path):
@@ -135,13 +135,13 @@ def test_srs_are_built_in_the_pool_and_here_when_the_pool_dies(package, tmp_path
     assert [r.status for r in again] == ["ok", "ok"]
     # the same bytes and model give the same SR, wherever and however often it is built: a redo
     # after a crash or a re-send is the same instance to the PACS
-    assert len({r.record["outputs"]["sr"]["sop_instance_uid"] for r in in_pool + fallback + again}) == 1
+    assert len({r.record.sr["sop_instance_uid"] for r in in_pool + fallback + again}) == 1
     for results in (in_pool, fallback):
         assert [r.status for r in results] == ["ok", "ok"]
         for result in results:
             found = read_sr_findings(pydicom.dcmread(result.outputs["sr"]))
             assert len(found) == 15
-            assert result.record["timings_ms"]["write"] > 0
+            assert result.record.timings_ms["write"] > 0
 
 
 def test_an_sr_that_cannot_be_written_leaves_the_findings(package, tmp_path):
@@ -183,8 +183,8 @@ def test_non_finite_probabilities_are_an_error_not_json_nan(package, tmp_path):
         results = Pipeline(package, _NaNForFirstBatch(backend), tmp_path / "out", workers=2, max_batch=1).run(items)
     assert sorted(r.status for r in results) == ["error", "ok"]
     (failed,) = [r for r in results if r.status == "error"]
-    assert failed.error["stage"] == "inference"
-    assert failed.error["reason"] == "the model produced non-finite probabilities (NaN or infinity) for this image"
+    assert failed.error.stage == "inference"
+    assert failed.error.reason == "the model produced non-finite probabilities (NaN or infinity) for this image"
     for path in (tmp_path / "out").rglob("*.json"):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))
 

@@ -48,7 +48,7 @@ def bench_end_to_end(package, config: Config, items, *, batch_size: int, workers
                 took = time.perf_counter() - started
                 elapsed += took
                 pass_rates.append(len(items) / took)
-                records += [r.record for r in results if r.status == "ok"]
+                records += [r.record.to_json() for r in results if r.status == "ok"]
                 failed += sum(r.status != "ok" for r in results)
             described = runner.describe()
     finally:

@@ -15,9 +15,15 @@ def model_gflops_per_image(model_bytes: bytes, sample: np.ndarray) -> dict:
 
     Shapes come from running the graph once with every MAC op's tensors exposed as outputs: exact
     for any exporter, with no symbolic shape inference. Elementwise ops, softmax and norms are
-    not counted (the convention of fvcore and the ViT papers)."""
-    import onnx
+    not counted (the convention of fvcore and the ViT papers). Needs the `onnx` package (the
+    `bench` extra) to read the graph; without it the count is None and the report says why."""
     import onnxruntime as ort
+
+    try:
+        import onnx
+    except ImportError:
+        return {"gflops_per_image": None, "flops_per_image": None, "flops_by_op": {},
+                "counted_ops": "not counted: the onnx package is not installed (pip install 'cxr-edge[bench]')"}
 
     model = onnx.load_from_string(model_bytes)
     initializers = {init.name: tuple(init.dims) for init in model.graph.initializer}

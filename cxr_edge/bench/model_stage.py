@@ -24,21 +24,19 @@ def configs(package, backends, precisions) -> list[Config]:
     backend x precision that cannot, so the report says why a row is missing."""
     from ..backends.stamp import machine_facts, stamp_problem
 
-    artifacts = package.manifest["artifacts"]
     facts = machine_facts() if "tensorrt" in backends else None
     found = []
     for backend in backends:
         for precision in precisions:
             fmt = "tensorrt" if backend == "tensorrt" else "onnx"
-            keys = sorted(k for k, v in artifacts.items()
-                          if v.get("format", "onnx") == fmt and v.get("precision", k) == precision)
-            if not keys:
+            artifacts = package.artifacts(precision=precision, format=fmt)
+            if not artifacts:
                 hint = "" if precision == "fp32" else f"; build it with `cxr-edge build-engine --{precision}`"
                 found.append(Config(backend, precision, None, f"the package has no {precision} {fmt} artifact{hint}"))
                 continue
-            for key in keys:
-                problem = stamp_problem(artifacts[key].get("stamp", {}), facts) if backend == "tensorrt" else None
-                found.append(Config(backend, precision, key if problem is None else None, problem))
+            for artifact in artifacts:
+                problem = stamp_problem(artifact.stamp, facts) if backend == "tensorrt" else None
+                found.append(Config(backend, precision, artifact.key if problem is None else None, problem))
     return found
 
 
@@ -60,8 +58,9 @@ def bench_model(package, config: Config, batch_size: int, tensors: np.ndarray, *
             t0 = time.perf_counter()
             runner.infer(batch)
             latencies.append((time.perf_counter() - t0) * 1e3)
+            timed = runner.last_timings.split()
             for stage in split:
-                split[stage].append(runner.last_timings_ms.get(stage))
+                split[stage].append(timed.get(stage))
         elapsed = time.perf_counter() - started
         described = runner.describe()
     throughput = batch_size * len(latencies) / elapsed

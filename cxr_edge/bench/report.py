@@ -39,8 +39,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
                   f"{m['memory_gib']} GiB; GPU: {gpu}")
     console.print(f"[bold]Libraries[/]: {libs}")
     model = report["model"]
+    flops = f"{model['gflops_per_image']} GFLOP/image" if model["gflops_per_image"] else model["counted_ops"]
     console.print(f"[bold]Model[/]: {model['name']} {model['version']} ({model['architecture']}, "
-                  f"{model['gflops_per_image']} GFLOP/image); GEMM reference: {report['gemm']['gflop_s']} GFLOP/s "
+                  f"{flops}); GEMM reference: {report['gemm']['gflop_s']} GFLOP/s "
                   f"({report['gemm']['how']})")
 
     if report["model_stage"]:

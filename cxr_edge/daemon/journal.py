@@ -402,3 +402,19 @@ def _readonly_uri(path: Path) -> str:
 
 def _row(r) -> Row:
     return Row(*r[:14], json.loads(r[14]) if r[14] else None)
+
+
+def read_status(state_dir: Path) -> dict:
+    """`cxr-edge status`: the journal's report, read-only (it must not create files the service's
+    user cannot write). Raises CxrEdgeError naming the problem."""
+    path = Path(state_dir) / "journal.sqlite3"
+    if not path.is_file():
+        raise CxrEdgeError(f"no journal in {state_dir}")
+    try:
+        journal = Journal(path, readonly=True)
+        try:
+            return journal.status()
+        finally:
+            journal.close()
+    except sqlite3.Error as exc:  # a journal of an older version: the daemon migrates it when it starts
+        raise CxrEdgeError(f"cannot read the journal in {state_dir} ({exc}); start `cxr-edge watch` once to upgrade it") from exc

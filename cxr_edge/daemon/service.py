@@ -21,9 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from ..errors import UNEXPECTED, CxrEdgeError, ModelPackageError
+from ..errors import PERMANENT, UNEXPECTED, CxrEdgeError, ModelPackageError
 from ..limits import MIN_SIDE
 from ..outputs import output_stem
+from ..records import FindingsRecord
 from ..sources import InputItem
 from .dicom_net import Peer, remove_receiving_temp_files
 from .journal import Journal, Row, backoff, identity_of
@@ -397,18 +398,18 @@ class Daemon:
         """Record one result as it comes (so a SIGKILL loses at most what is in flight)."""
         self.watchdog.beat("main")
         record = result.record
-        processed = (record.get("input") or {}).get("sha256")
-        timings = record.get("timings_ms", {})
+        processed = record.input_sha256
+        timings = record.timings_ms
         for stage in ("decode", "preprocess", "queue", "inference_batch", "write"):
             if stage in timings:
                 self.metrics.observe("cxr_edge_stage_seconds", timings[stage] / 1e3, {"stage": stage},
                                      help="time per input and stage")
         send_to = str(self.cfg.send_to) if self.cfg.send_to else None
         if result.status == "ok":
-            sr_error = record.get("sr_error")
+            sr_error = record.sr_error.to_json() if record.sr_error else None
             # Findings written, SR not (an invalid source UID, a header highdicom refuses): done,
             # with the reason kept in the journal for `status`, and nothing to send.
-            sr_uid = ((record.get("outputs") or {}).get("sr") or {}).get("sop_instance_uid")
+            sr_uid = record.sr.get("sop_instance_uid")
             state = self.journal.done(row.id, processed, result.outputs, sr_error, send_to, settle=self.cfg.settle,
                                       claimed_version=row.version, sr_uid=sr_uid)
             if state != "done":
@@ -422,12 +423,12 @@ class Daemon:
                                  help="inference batch sizes")
             age = time.time() - row.mtime_ns / 1e9
             self.metrics.observe("cxr_edge_arrival_to_output_seconds", age, help="file mtime to outputs written")
-            uid = (record.get("dicom") or {}).get("sop_instance_uid")
+            uid = (record.dicom or {}).get("sop_instance_uid")
             log.info("#%d done%s", row.id, f" (SOP Instance {uid})" if uid else "")
             self._dispose(self.cfg.inbox / row.relative, row.relative, "done", row.identity)
             return
-        error = result.error or {}
-        stage, reason, kind = error.get("stage", "?"), error.get("reason", "?"), error.get("kind", "permanent")
+        error = result.error
+        stage, reason, kind = error.stage, error.reason, error.kind or PERMANENT
         state = self.journal.failed(row.id, processed, f"{stage}: {reason}", kind, result.outputs,
                                     self.cfg.max_attempts, young=self._young(row), settle=self.cfg.settle,
                                     claimed_version=row.version)
@@ -504,28 +505,18 @@ class Daemon:
         stem = self.cfg.out / output_stem(PurePath(row.relative))
         return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".sr.dcm")
 
-    def _read_record(self, json_path: Path) -> dict | None:
-        import json
-
-        try:
-            return json.loads(json_path.read_text())
-        except (OSError, ValueError):
-            return None
-
     def _complete_outputs(self, row: Row) -> tuple[dict, dict | None, str | None] | None:
         """(outputs, the record's sr_error, the SR's UID) when the row's outputs are complete."""
         json_path, _ = self._outputs_of(row)
-        record = self._read_record(json_path)
-        if not record or record.get("status") != "ok" or not row.sha256 \
-                or (record.get("input") or {}).get("sha256") != row.sha256:
+        record = FindingsRecord.read(json_path)
+        if not record or not record.ok or not row.sha256 or record.input_sha256 != row.sha256:
             return None
         outputs = {"json": str(json_path)}
-        sr = (record.get("outputs") or {}).get("sr") or {}
-        if sr:
-            if not Path(sr["path"]).is_file():
+        if record.sr:
+            if not Path(record.sr["path"]).is_file():
                 return None
-            outputs["sr"] = sr["path"]
-        return outputs, record.get("sr_error"), sr.get("sop_instance_uid")
+            outputs["sr"] = record.sr["path"]
+        return outputs, record.sr_error.to_json() if record.sr_error else None, record.sr.get("sop_instance_uid")
 
     def _remove_orphan_sr(self, row: Row) -> None:
         """An SR written just before the crash, without its JSON, is removed; the SR of the
@@ -533,15 +524,15 @@ class Daemon:
         json_path, sr_path = self._outputs_of(row)
         if not sr_path.exists():
             return
-        record = self._read_record(json_path) or {}
-        if record.get("status") == "ok" and ((record.get("outputs") or {}).get("sr") or {}).get("path") == str(sr_path):
+        record = FindingsRecord.read(json_path)
+        if record and record.ok and record.sr.get("path") == str(sr_path):
             try:
                 import pydicom
 
                 uid = str(pydicom.dcmread(sr_path, stop_before_pixels=True).SOPInstanceUID)
             except Exception:  # unreadable: not the complete SR the JSON names
                 uid = None
-            if uid == record["outputs"]["sr"].get("sop_instance_uid"):
+            if uid == record.sr.get("sop_instance_uid"):
                 return
         sr_path.unlink(missing_ok=True)
 

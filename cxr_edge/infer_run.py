@@ -1,0 +1,121 @@
+"""`cxr-edge infer` as a function: find the inputs, pick the artifact, run the pipeline once over
+them, write summary.jsonl. The command line only parses options and prints."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CxrEdgeError, ModelPackageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    model_dir: str | None = None
+    backend: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 8
+    max_delay_ms: float = 20.0
+    workers: int | None = None
+    threads: int | None = None
+    write_sr: bool = True
+    min_side: int | None = None
+
+
+@dataclass
+class InferRun:
+    results: list  # [pipeline.Result], sorted by input
+    skipped: list[Path]
+    seconds: float
+    summary_path: Path
+    model: dict = field(default_factory=dict)
+    backend: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.results if r.status != "ok"]
+
+    @property
+    def without_sr(self) -> list:
+        """Findings written, the SR could not be (a subset of the succeeded)."""
+        return [r for r in self.results if r.status == "ok" and r.record.sr_error]
+
+    def summary(self) -> dict:
+        from .records import summary_line
+
+        n = len(self.results)
+        return {
+            "inputs": n,
+            "succeeded": n - len(self.failed),
+            "succeeded_without_sr": len(self.without_sr),
+            "failed": len(self.failed),
+            "skipped": len(self.skipped),
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(n / self.seconds, 2) if self.seconds > 0 else None,
+            "summary_file": str(self.summary_path),
+            "model": self.model,
+            "backend": self.backend,
+            "results": [summary_line(r.record, r.outputs) for r in self.results],
+        }
+
+
+def plan(inputs: list[str], out: Path, settings: InferSettings):
+    """(items, skipped, package, selection), or CxrEdgeError for a usage or configuration problem."""
+    from .backends import select_backend
+    from .manifest import ModelPackage
+    from .sources import discover
+
+    items, skipped = discover(list(inputs))
+    if not items:
+        raise CxrEdgeError("no input files found (looked for DICOM, PNG and JPEG files)")
+    package = ModelPackage.load(settings.model_dir)
+    selection = select_backend(package, settings.backend, settings.precision)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CxrEdgeError(f"cannot create output folder {out}: {exc.strerror or type(exc).__name__}") from exc
+    for path in skipped:
+        log.debug("skipped (not an image by its name): %s", path)
+    return items, skipped, package, selection
+
+
+def run(items, skipped, package, selection, out: Path, settings: InferSettings, on_result=None) -> InferRun:
+    """Process every item once; `on_result(result)` as each finishes (a progress display)."""
+    from .atomic import atomic_write, strict_json
+    from .backends import create_backend
+    from .pipeline import Pipeline
+    from .records import summary_line
+    from .workers import WorkerPool, default_workers
+
+    workers = settings.workers or default_workers()
+    # The worker processes are forked before the runner starts its threads.
+    with WorkerPool(workers, package.preprocess_params, min_side=settings.min_side) as pool:
+        runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
+                                threads=settings.threads)
+        try:
+            runner.activate()
+        except CxrEdgeError:
+            raise
+        except Exception as exc:  # a runtime refusing an artifact whose sha256 matched (corrupt when built)
+            raise ModelPackageError(f"{package.root}: cannot load the {selection.artifact} artifact with "
+                                    f"{selection.backend}: {type(exc).__name__}: {exc}") from exc
+        try:
+            log.info("backend %s, %s artifact %r: %s", selection.backend, selection.precision, selection.artifact,
+                     selection.reason)
+            log.info("model %s %s, %d inputs, %d decode workers", package.name, package.version, len(items), workers)
+            pipeline = Pipeline(package, runner, out, workers=workers, max_batch=settings.batch_size,
+                                max_delay_ms=settings.max_delay_ms, write_sr=settings.write_sr)
+            started = time.perf_counter()
+            results = pipeline.run(items, on_result=on_result, pool=pool)
+            elapsed = time.perf_counter() - started
+        finally:
+            runner.deactivate()
+    results.sort(key=lambda r: r.item.relative.as_posix())  # completion order varies run to run
+    summary_path = out / "summary.jsonl"
+    lines = [summary_line(r.record, r.outputs) for r in results]
+    atomic_write(summary_path, "".join(strict_json(line) + "\n" for line in lines).encode())
+    return InferRun(results, skipped, elapsed, summary_path, pipeline.model_info, pipeline.backend_info)
