@@ -15,15 +15,15 @@ import struct
 from dataclasses import dataclass
 from collections.abc import Iterator
 
+from pydicom.uid import JPEGLSTransferSyntaxes, RLELossless
+
 from .errors import DecodeError
 
-RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 # SOFn markers; C4 (DHT), C8 (reserved JPG) and CC (DAC) share the range but are not frame headers.
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _JPEG_LS_SOF55 = 0xF7
 # Markers with no length field (PS3 / ISO 10918-1 B.1.1.3): TEM and RSTn.
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
-_JPEG_LS_SYNTAXES = {"1.2.840.10008.1.2.4.80": "JPEG-LS", "1.2.840.10008.1.2.4.81": "JPEG-LS"}
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # the JP2 signature box (I.5.1)
 # Real files reach their size marker within a few dozen segments / boxes; the cap keeps a file of
 # megabytes of fill bytes or empty segments from costing seconds of Python before it is refused.
@@ -180,9 +180,10 @@ def frame_sizes(pixel_data, transfer_syntax: str, n_frames: int = 1) -> list[Fra
     Raises DecodeError for a codestream that is malformed or cut before its size marker.
     """
     frame = _Frame(_first_frame_fragments(pixel_data, n_frames))
-    kind = "RLE" if transfer_syntax == RLE_LOSSLESS else _JPEG_LS_SYNTAXES.get(transfer_syntax, "JPEG")
+    kind = ("RLE" if transfer_syntax == RLELossless
+            else "JPEG-LS" if transfer_syntax in JPEGLSTransferSyntaxes else "JPEG")
     try:
-        if transfer_syntax == RLE_LOSSLESS:
+        if transfer_syntax == RLELossless:
             _rle(frame)
             return []
         start = frame.read(0, 2)
@@ -245,7 +246,7 @@ def _check_end_of_frame(pixel_data, syntax: str, n_frames: int) -> None:
     """JPEG, JPEG-LS and JPEG 2000 codestreams end with FFD9 (EOI / EOC). libjpeg fills a frame cut
     short with grey and reports nothing, so a frame whose last fragment does not end so is refused.
     Fragments may be padded to even length with a NUL (PS3.5 A.4), some writers pad with FF."""
-    if syntax == RLE_LOSSLESS:
+    if syntax == RLELossless:
         return
     last = None
     for last in _first_frame_fragments(pixel_data, n_frames):

@@ -11,9 +11,22 @@ message text:
 """
 
 import errno
+from enum import StrEnum
 
-PERMANENT, INCOMPLETE, TRANSIENT, UNEXPECTED = "permanent", "incomplete", "transient", "unexpected"
-ERROR_KINDS = (PERMANENT, INCOMPLETE, TRANSIENT, UNEXPECTED)
+
+class ErrorKind(StrEnum):
+    """A str: records, the journal and metric labels keep the plain values."""
+
+    PERMANENT = "permanent"
+    INCOMPLETE = "incomplete"
+    TRANSIENT = "transient"
+    UNEXPECTED = "unexpected"
+
+
+# Module-level aliases of the members: the call sites that import them keep working.
+PERMANENT, INCOMPLETE = ErrorKind.PERMANENT, ErrorKind.INCOMPLETE
+TRANSIENT, UNEXPECTED = ErrorKind.TRANSIENT, ErrorKind.UNEXPECTED
+ERROR_KINDS = tuple(ErrorKind)
 
 # Conditions of the machine, not of the input: they clear (space freed, permission fixed, the
 # NFS server back) and the same input then succeeds.
@@ -28,7 +41,7 @@ PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.E
                               errno.EFBIG, errno.EINVAL})
 
 
-def os_error_kind(exc: OSError) -> str:
+def os_error_kind(exc: OSError) -> ErrorKind:
     """Transient for the machine's conditions, permanent for the input's own; anything else (a
     network file system's ENOTCONN, EHOSTDOWN...) is unexpected: retried a bounded number of times."""
     if exc.errno in TRANSIENT_ERRNOS:
@@ -44,7 +57,7 @@ class InputError(CxrEdgeError):
     """An input that cannot be processed, for a reason that will not change on retry (unless it
     is `incomplete`: cut short, perhaps still arriving)."""
 
-    def __init__(self, stage: str, reason: str, kind: str = PERMANENT):
+    def __init__(self, stage: str, reason: str, kind: ErrorKind = PERMANENT):
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
         self.reason = reason

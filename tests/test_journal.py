@@ -3,13 +3,16 @@ queued with their input, schema 1 journals migrated, and a corrupt or locked jou
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 
 import pytest
 
-from cxr_edge.daemon.journal import Journal, JournalError
+from cxr_edge import errors
+from cxr_edge.daemon.journal import InputState, Journal, JournalError, SendState
+from cxr_edge.errors import ErrorKind
 from cxr_edge.daemon.notify import Watchdog
 
 A, B = "a" * 64, "b" * 64
@@ -143,6 +146,30 @@ def test_sigterm_path_requeues_what_is_left_processing(journal):
     journal.claim_due(10)
     journal.requeue(row.id)
     assert journal.all_inputs()[0].state == "pending" and journal.in_processing() == []
+
+
+def test_states_and_kinds_are_enums_stored_and_reported_as_their_plain_text(journal):
+    """The sqlite rows and `cxr-edge status --json` keep the words they had before the enums."""
+    row, _ = journal.offer("x.dcm", STAT, A)
+    assert row.state is InputState.PENDING
+    journal.claim_due(10)
+    assert journal.failed(row.id, A, "write: No space left on device", ErrorKind.TRANSIENT, None,
+                          max_attempts=5) is InputState.PENDING
+    raw = journal._db.execute("SELECT state, typeof(state), error_kind, typeof(error_kind) FROM inputs").fetchone()
+    assert raw == ("pending", "text", "transient", "text")
+    assert errors.TRANSIENT is ErrorKind.TRANSIENT and errors.ERROR_KINDS == tuple(ErrorKind)
+    other, _ = journal.offer("y.dcm", STAT, B)
+    journal._transaction(lambda db: db.execute("UPDATE inputs SET next_attempt = 0"))
+    journal.claim_due(10)
+    journal.done(other.id, B, {"json": "y.json", "sr": "/out/y.sr.dcm"}, send_to="PACS@h:104", sr_uid="1.2.3")
+    (send,) = journal.due_sends()
+    assert (send.id, send.sr_path, send.sr_uid, send.destination, send.attempts) == (1, "/out/y.sr.dcm", "1.2.3",
+                                                                                       "PACS@h:104", 0)
+    journal.send_result(send.id, SendState.SUPERSEDED, "newer SR", 1)
+    report = json.loads(json.dumps(journal.status()))
+    assert list(report["inputs"].items()) == [("pending", 0), ("processing", 1), ("done", 1), ("failed", 0)]
+    assert list(report["sends"].items()) == [("pending", 0), ("sent", 0), ("failed", 0), ("superseded", 1)]
+    assert report["pending_retrying"] == {}  # x.dcm was claimed again: processing, not pending
 
 
 def test_a_schema_1_journal_is_migrated_keeping_rows_ids_and_sends(tmp_path):

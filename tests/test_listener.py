@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from click.testing import CliRunner
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
 from cxr_edge.daemon import dicom_net
 from cxr_edge.daemon.dicom_net import (RECEIVING_PREFIX, AllowedCaller, Peer, is_valid_uid, remove_receiving_temp_files,
@@ -179,6 +180,7 @@ def test_the_instance_goes_through_a_temp_name_that_start_up_clean_up_removes(sc
     uid = str(pydicom.dcmread(SMALL, stop_before_pixels=True).SOPInstanceUID)
     [(src, dst)] = renames
     assert dst == inbox / f"{uid}.dcm" and src.parent == inbox
+    # the random part is tempfile.mkstemp's (cxr_edge.atomic): letters, digits, underscores
     assert re.fullmatch(re.escape(f"{RECEIVING_PREFIX}{uid}.") + r"[a-z0-9_]+\.part", src.name)
     assert listing(inbox).keys() == {f"{uid}.dcm"}
     assert data_set_bytes(dst) == data_set_bytes(SMALL)  # written as received, byte for byte
@@ -421,6 +423,61 @@ def test_cli_reports_a_bad_allow_as_a_usage_error(tmp_path, monkeypatch):
     assert good.exit_code == 0, good.output
     assert captured["cfg"].allowed_callers == [AllowedCaller("PACS"),
                                                AllowedCaller("MOD", ipaddress.ip_network("10.1.0.0/16"))]
+
+
+# ---- status codes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, code, description", [
+    ("STATUS_INVALID_SOP_INSTANCE", 0x0117, "Invalid Object Instance"),
+    ("STATUS_OUT_OF_RESOURCES", 0xA700, "Refused: Out of Resources"),
+    ("STATUS_DATASET_MISMATCH", 0xA900, "Data Set Does Not Match SOP Class"),
+    ("STATUS_CANNOT_UNDERSTAND", 0xC000, "Cannot Understand"),
+])
+def test_the_failure_codes_pynetdicom_does_not_name_are_the_ones_its_storage_table_lists(name, code, description):
+    assert getattr(dicom_net, name) == code
+    assert STORAGE_SERVICE_CLASS_STATUS[code] == (STATUS_FAILURE, description)
+
+
+@pytest.fixture
+def sr_file(tmp_path) -> Path:
+    """A minimal Comprehensive SR instance, enough for a C-STORE."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import ComprehensiveSRStorage
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = ComprehensiveSRStorage, generate_uid()
+    ds.Modality = "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "x.sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_send_sr_takes_success_and_the_storage_warnings_as_stored(sr_file):
+    """The PACS's answer decides: Success and the Storage Service's warnings (B000, B006, B007)
+    mean stored; any failure, or a general warning, is retried with its code in the reason."""
+    from pynetdicom import evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage
+
+    answers = []  # the status the PACS gives to the next C-STORE
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: answers.pop())])
+    try:
+        peer = Peer("PACS", "127.0.0.1", server.server_address[1])
+        outcomes = {}
+        for code in (0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0xA700, 0xA900, 0xC000, 0x0117):
+            answers.append(code)
+            outcomes[code] = dicom_net.send_sr(sr_file, peer, "CXREDGE")
+        assert answers == []  # each send reached the PACS
+    finally:
+        server.shutdown()
+    assert {code for code, problem in outcomes.items() if problem is None} == {0x0000, 0xB000, 0xB006, 0xB007}
+    assert outcomes[0xA700] == "C-STORE status 0xA700" and outcomes[0x0107] == "C-STORE status 0x0107"
 
 
 # ---- resources, clean-up, logs -----------------------------------------------------------------------------

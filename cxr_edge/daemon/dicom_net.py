@@ -25,6 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.uid import (JPEG2000, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
+                         JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
+from pynetdicom.status import GENERAL_STATUS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, Status
+
 from ..atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -35,9 +39,11 @@ log = logging.getLogger(__name__)
 RECEIVING_PREFIX = ".cxr-edge-receiving."
 RECEIVING_SUFFIX = ".part"
 
-# C-STORE response statuses (PS3.4 B.2.3 Table B.2-1 and PS3.7 Annex C, as listed for C-STORE in
-# pynetdicom's STORAGE_SERVICE_CLASS_STATUS). The choice follows dcmtk's storescp where it has one.
-STATUS_SUCCESS = 0x0000
+# C-STORE response statuses (PS3.4 B.2.3 Table B.2-1 and PS3.7 Annex C). pynetdicom names only
+# Success (Status.SUCCESS); the failure codes below are in its STORAGE_SERVICE_CLASS_STATUS table
+# by description only, so they are spelled here (tests/test_listener.py checks each against that
+# table). The choice follows dcmtk's storescp where it has one.
+STATUS_SUCCESS = Status.SUCCESS
 # PS3.7 C.5.12 "Invalid SOP Instance": the Affected SOP Instance UID violates the UID construction
 # rules. A failure the sender must not retry (the same bad UID would be refused again).
 STATUS_INVALID_SOP_INSTANCE = 0x0117
@@ -218,6 +224,12 @@ def _dataset_sop_uids(event) -> tuple[str | None, str | None]:
     return _raw_uid(ds, 0x00080016), _raw_uid(ds, 0x00080018)
 
 
+# Accepted for every storage SOP class: native (explicit VR first, the preferred one) and the
+# compressed syntaxes the decoders read. Deflated is left out (see _dataset_sop_uids).
+STORE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1,
+                  JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless)
+
+
 def _caller(assoc) -> str:
     """'AE@address' of the requestor, for log lines (the calling AE title and the peer address
     are not patient data)."""
@@ -327,8 +339,7 @@ def start_scp(listen: Peer, inbox: Path, allowed_callers: Sequence[AllowedCaller
 
     ae = AE(ae_title=listen.ae_title)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2",
-                                                          *_compressed_syntaxes()])
+        ae.add_supported_context(context.abstract_syntax, STORE_SYNTAXES)
     ae.add_supported_context(Verification)
     ae.require_called_aet = True  # an A-ASSOCIATE-RQ for another called AE title is rejected
     handlers = [(evt.EVT_C_STORE, handle_store), (evt.EVT_REJECTED, handle_rejected)]
@@ -354,9 +365,11 @@ def start_scp(listen: Peer, inbox: Path, allowed_callers: Sequence[AllowedCaller
     return server
 
 
-def _compressed_syntaxes() -> list[str]:
-    return ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
-            "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"]
+# What a PACS may answer when it stored the SR: Success, or one of the Storage Service's own
+# warnings (B000 coercion, B006 elements discarded, B007 data set does not match the SOP class).
+STORE_ACCEPTED = frozenset({Status.SUCCESS} | {
+    code for code, (category, _) in STORAGE_SERVICE_CLASS_STATUS.items()
+    if category == STATUS_WARNING and code not in GENERAL_STATUS})
 
 
 def send_sr(path: Path, peer: Peer, calling_ae: str) -> str | None:
@@ -378,6 +391,6 @@ def send_sr(path: Path, peer: Peer, calling_ae: str) -> str | None:
         status = assoc.send_c_store(dataset)
     finally:
         assoc.release()
-    if status and int(status.Status) in (0x0000, 0xB000, 0xB007, 0xB006):  # success, or success with warnings
+    if status and int(status.Status) in STORE_ACCEPTED:
         return None
     return f"C-STORE status 0x{int(status.Status):04X}" if status else "no C-STORE response"

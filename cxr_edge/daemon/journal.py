@@ -17,9 +17,11 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import NamedTuple
 
-from ..errors import INCOMPLETE, PERMANENT, TRANSIENT, CxrEdgeError
+from ..errors import INCOMPLETE, PERMANENT, TRANSIENT, CxrEdgeError, ErrorKind
 
 SCHEMA_VERSION = 2
 INPUTS = """
@@ -63,7 +65,28 @@ CREATE TABLE IF NOT EXISTS sends (
     UNIQUE (input_id, destination)
 );
 """
-STATES = ("pending", "processing", "done", "failed")
+
+
+class InputState(StrEnum):
+    """An input's state. The values are the text stored in inputs.state (and spelled in the SQL
+    here), shown by `cxr-edge status`: never rename one."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class SendState(StrEnum):
+    """An SR send's state, stored in sends.state like InputState."""
+
+    PENDING = "pending"  # to be sent, or retried with backoff
+    SENT = "sent"
+    FAILED = "failed"  # the SR file is gone or unreadable
+    SUPERSEDED = "superseded"  # a newer version of the input replaced the SR: its own send carries it
+
+
+FINISHED = (InputState.DONE, InputState.FAILED)
 COLUMNS = ("id, relative, size, mtime_ns, ctime_ns, inode, sha256, state, attempts, retries, claims, version, error, "
            "error_kind, outputs")
 
@@ -81,14 +104,17 @@ class Row:
     ctime_ns: int
     inode: int
     sha256: str
-    state: str
+    state: InputState
     attempts: int
     retries: int
     claims: int
     version: int
     error: str | None
-    error_kind: str | None
+    error_kind: str | None  # an ErrorKind's value, as the caller gave it
     outputs: dict | None
+
+    def __post_init__(self):
+        self.state = InputState(self.state)
 
     @property
     def identity(self) -> tuple[int, int, int, int]:
@@ -99,6 +125,16 @@ def identity_of(stat) -> tuple[int, int, int, int]:
     """What changes whenever a file's bytes can have changed: size, mtime, and ctime and inode,
     which `touch -d` or `cp -p` cannot set back (new bytes with the same size and mtime)."""
     return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
+class Send(NamedTuple):
+    """One SR send that is due."""
+
+    id: int
+    sr_path: str
+    sr_uid: str | None  # the SR's SOP Instance UID
+    destination: str
+    attempts: int
 
 
 def backoff(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
@@ -205,7 +241,7 @@ class Journal:
         """The input last finished under this name, when the file is provably unchanged since
         (same size, mtime, ctime and inode) and nothing is in flight for it: no need to hash."""
         rows = self._rows("WHERE relative = ? ORDER BY id DESC LIMIT 1", (relative,))
-        if rows and rows[0].state in ("done", "failed") and rows[0].sha256 and rows[0].identity == tuple(identity):
+        if rows and rows[0].state in FINISHED and rows[0].sha256 and rows[0].identity == tuple(identity):
             return rows[0]
         return None
 
@@ -233,18 +269,19 @@ class Journal:
                 return row_id, True
             last = db.execute("SELECT id, sha256, state, error FROM inputs WHERE relative = ? ORDER BY id DESC LIMIT 1",
                               (relative,)).fetchone()
+            last_id, last_sha256, last_state, last_error = last or (None, None, None, None)
             if refusal is not None:
-                if last and last[1] == "" and last[2] == "failed" and last[3] == f"read: {refusal}":
-                    return last[0], False
+                if last_sha256 == "" and last_state == InputState.FAILED and last_error == f"read: {refusal}":
+                    return last_id, False
                 cursor = db.execute(
                     "INSERT INTO inputs (relative, path, size, mtime_ns, ctime_ns, inode, sha256, state, error, "
                     "error_kind, created, updated) VALUES (?, ?, ?, ?, ?, ?, '', 'failed', ?, ?, ?, ?)",
                     (relative, relative, *identity, f"read: {refusal}", PERMANENT, now, now))
                 return cursor.lastrowid, False
-            if last and sha256 and last[1] == sha256:
+            if sha256 and last_sha256 == sha256:
                 db.execute("UPDATE inputs SET size = ?, mtime_ns = ?, ctime_ns = ?, inode = ? WHERE id = ?",
-                           (*identity, last[0]))
-                return last[0], False
+                           (*identity, last_id))
+                return last_id, False
             cursor = db.execute(
                 "INSERT INTO inputs (relative, path, size, mtime_ns, ctime_ns, inode, sha256, state, created, updated) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)", (relative, relative, *identity, sha256, now, now))
@@ -285,44 +322,45 @@ class Journal:
 
     def done(self, row_id: int, processed_sha256: str | None, outputs: dict, sr_error: dict | None = None,
              send_to: str | None = None, settle: float = 0.0, claimed_version: int | None = None,
-             sr_uid: str | None = None) -> str:
+             sr_uid: str | None = None) -> InputState:
         """Done, and its SR send queued in the same transaction (a crash cannot separate them).
         `sr_error` (the record's) is kept as the error of an input whose findings were written
         without their SR, so that `status` counts and shows it. Returns the new state ('pending'
         when the file changed while it was processed)."""
         note = f"sr: {sr_error['reason']}" if sr_error else None
 
-        def work(db) -> str:
+        def work(db) -> InputState:
             if self._changed_under_us(db, row_id, processed_sha256, claimed_version, settle):
-                return "pending"
+                return InputState.PENDING
             db.execute("UPDATE inputs SET state = 'done', sha256 = CASE WHEN sha256 = '' THEN ? ELSE sha256 END, "
                        "error = ?, error_kind = NULL, outputs = ?, updated = ? WHERE id = ?",
                        (processed_sha256 or "", note, json.dumps(outputs), time.time(), row_id))
             if send_to and outputs.get("sr"):
                 db.execute("INSERT OR IGNORE INTO sends (input_id, sr_path, sop_instance_uid, destination, state, updated) "
                            "VALUES (?, ?, ?, ?, 'pending', ?)", (row_id, outputs["sr"], sr_uid, send_to, time.time()))
-            return "done"
+            return InputState.DONE
 
         return self._transaction(work)
 
-    def failed(self, row_id: int, processed_sha256: str | None, error: str, kind: str, outputs: dict | None,
-               max_attempts: int, young: bool = False, settle: float = 0.0, claimed_version: int | None = None) -> str:
+    def failed(self, row_id: int, processed_sha256: str | None, error: str, kind: ErrorKind | str,
+               outputs: dict | None, max_attempts: int, young: bool = False, settle: float = 0.0,
+               claimed_version: int | None = None) -> InputState:
         """Decide by kind: permanent -> failed; transient (disk full, EIO, permission) -> retried
         with backoff until it clears, not counted; incomplete -> retried while the file is young;
         unexpected -> counted, failed after `max_attempts`. Returns the new state."""
-        def work(db) -> str:
+        def work(db) -> InputState:
             if self._changed_under_us(db, row_id, processed_sha256, claimed_version, settle):
-                return "pending"
+                return InputState.PENDING
             attempts, retries = db.execute("SELECT attempts, retries FROM inputs WHERE id = ?", (row_id,)).fetchone()
             counted = kind not in (TRANSIENT, INCOMPLETE)
             attempts += counted
             if kind == PERMANENT or (kind == INCOMPLETE and not young) or (counted and attempts >= max_attempts):
-                state, delay = "failed", 0.0
+                state, delay = InputState.FAILED, 0.0
             else:
-                state, delay = "pending", backoff(retries + 1, cap=60.0 if kind == TRANSIENT else 300.0)
+                state, delay = InputState.PENDING, backoff(retries + 1, cap=60.0 if kind == TRANSIENT else 300.0)
             db.execute("UPDATE inputs SET state = ?, attempts = ?, retries = ?, error = ?, error_kind = ?, outputs = ?, "
                        "next_attempt = ?, sha256 = CASE WHEN sha256 = '' THEN ? ELSE sha256 END, updated = ? "
-                       "WHERE id = ?", (state, attempts, retries + (state == "pending"), error, kind,
+                       "WHERE id = ?", (state, attempts, retries + (state == InputState.PENDING), error, kind,
                                         json.dumps(outputs) if outputs else None, time.time() + delay,
                                         processed_sha256 or "", time.time(), row_id))
             return state
@@ -346,16 +384,16 @@ class Journal:
         return self._rows("ORDER BY id")
 
     # --- sends ----------------------------------------------------------------------------------
-    def due_sends(self, limit: int = 16) -> list[tuple[int, str, str | None, str, int]]:
-        """(id, SR path, the SR's SOP Instance UID, destination, attempts) of sends due now."""
+    def due_sends(self, limit: int = 16) -> list[Send]:
+        """The sends due now."""
         with self._lock:
-            return self._db.execute("SELECT id, sr_path, sop_instance_uid, destination, attempts FROM sends WHERE "
-                                    "state = 'pending' AND next_attempt <= ? ORDER BY id LIMIT ?",
-                                    (time.time(), limit)).fetchall()
+            found = self._db.execute("SELECT id, sr_path, sop_instance_uid, destination, attempts FROM sends WHERE "
+                                     "state = 'pending' AND next_attempt <= ? ORDER BY id LIMIT ?",
+                                     (time.time(), limit)).fetchall()
+        return [Send(*r) for r in found]
 
-    def send_result(self, send_id: int, state: str, error: str | None, attempts: int) -> None:
-        """state: sent; pending (retried with backoff); failed (the SR file is gone or unreadable);
-        superseded (a newer version of the input replaced the SR: its own send carries it)."""
+    def send_result(self, send_id: int, state: SendState, error: str | None, attempts: int) -> None:
+        """Record a send's outcome (SendState says what each state means)."""
         self._transaction(lambda db: db.execute(
             "UPDATE sends SET state = ?, attempts = ?, error = ?, next_attempt = ?, updated = ? WHERE id = ?",
             (state, attempts, error, time.time() + backoff(attempts, cap=60.0), time.time(), send_id)))
@@ -378,10 +416,10 @@ class Journal:
                                                 (now - window,)).fetchone()[0] for window in (60, 3600)}
         return {
             "journal": str(self.path),
-            "inputs": {s: inputs.get(s, 0) for s in STATES},
+            "inputs": {s: inputs.get(s, 0) for s in InputState},
             "done_without_sr": without_sr,  # findings written, the SR could not be (counted in done)
             "pending_retrying": retrying,  # pending again after an error, by kind (transient: waiting for it to clear)
-            "sends": {s: sends.get(s, 0) for s in ("pending", "sent", "failed", "superseded")},
+            "sends": {s: sends.get(s, 0) for s in SendState},
             "last_errors": [{"input": r, "error": e, "kind": k,
                              "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))} for r, e, k, t in errors],
             "send_errors": [{"sr": p, "error": e, "attempts": a} for p, e, a in send_errors],
@@ -401,7 +439,8 @@ def _readonly_uri(path: Path) -> str:
 
 
 def _row(r) -> Row:
-    return Row(*r[:14], json.loads(r[14]) if r[14] else None)
+    *fields, outputs = r  # COLUMNS ends with outputs, stored as JSON
+    return Row(*fields, outputs=json.loads(outputs) if outputs else None)
 
 
 def read_status(state_dir: Path) -> dict:

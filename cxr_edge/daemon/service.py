@@ -29,7 +29,7 @@ from ..sources import InputItem
 from .dicom_net import Peer, remove_receiving_temp_files
 from .journal import Journal, Row, backoff, identity_of
 from .notify import Watchdog, notify
-from .telemetry import BATCH_BUCKETS, Metrics
+from .telemetry import Metrics
 
 log = logging.getLogger(__name__)
 DISPOSITIONS = ("leave", "move", "delete")
@@ -261,7 +261,7 @@ class Daemon:
         except Exception as exc:
             reason = str(exc) if isinstance(exc, CxrEdgeError) else type(exc).__name__
             log.error("SIGHUP: model reload failed, keeping the current model: %s", reason)
-            self.metrics.inc("cxr_edge_reloads", labels={"result": "failed"}, help="SIGHUP model reloads")
+            self.metrics.reloads.labels(result="failed").inc()
             notify("READY=1\nSTATUS=reload failed; serving the previous model")
             return
         old = self.pool, self.runner
@@ -272,7 +272,7 @@ class Daemon:
             old[1].__exit__(None, None, None)
         except Exception as exc:  # the new model serves; the old one's teardown is not worth dying for
             log.error("SIGHUP: closing the previous model failed (%s)", type(exc).__name__)
-        self.metrics.inc("cxr_edge_reloads", labels={"result": "ok"}, help="SIGHUP model reloads")
+        self.metrics.reloads.labels(result="ok").inc()
         log.info("SIGHUP: model reloaded: %s %s", self.pipeline.package.name, self.pipeline.package.version)
         notify("READY=1")
 
@@ -306,16 +306,14 @@ class Daemon:
             self._journal_down_since = time.monotonic()
             log.error("cannot write the journal (%s); processing pauses and resumes when it is writable", exc)
             notify("STATUS=paused: the journal cannot be written")
-        self.metrics.inc("cxr_edge_journal_errors", help="journal reads or writes that failed (disk full, I/O)")
+        self.metrics.journal_errors.inc()
 
     def _status(self) -> None:
         status = self.journal.status(recent=0)
         inputs = status["inputs"]
-        self.metrics.set("cxr_edge_queue_depth", inputs["pending"] + self.watcher.pending(),
-                         help="inputs seen but not yet processed")
+        self.metrics.queue_depth.set(inputs["pending"] + self.watcher.pending())
         waiting = status["pending_retrying"].get("transient", 0)
-        self.metrics.set("cxr_edge_waiting_transient", waiting,
-                         help="inputs waiting for a transient condition (disk full, I/O, permission) to clear")
+        self.metrics.waiting_transient.set(waiting)
         text = (f"STATUS=done {inputs['done']}, failed {inputs['failed']}, pending {inputs['pending']}"
                 + (f" ({waiting} waiting for a transient error to clear)" if waiting else ""))
         if text != self._last_status:  # only news
@@ -365,7 +363,7 @@ class Daemon:
         if refusal is not None:
             if row.id not in self._refusals_logged:  # journaled once, logged once per run
                 self._refusals_logged.add(row.id)
-                self.metrics.inc("cxr_edge_errors", labels={"stage": "read"}, help="failed inputs by stage")
+                self.metrics.errors.labels(stage="read").inc()
                 log.warning("#%d refused: %s", row.id, refusal)
             return None
         if work:
@@ -402,8 +400,7 @@ class Daemon:
         timings = record.timings_ms
         for stage in ("decode", "preprocess", "queue", "inference_batch", "write"):
             if stage in timings:
-                self.metrics.observe("cxr_edge_stage_seconds", timings[stage] / 1e3, {"stage": stage},
-                                     help="time per input and stage")
+                self.metrics.stage_seconds.labels(stage=stage).observe(timings[stage] / 1e3)
         send_to = str(self.cfg.send_to) if self.cfg.send_to else None
         if result.status == "ok":
             sr_error = record.sr_error.to_json() if record.sr_error else None
@@ -415,14 +412,13 @@ class Daemon:
             if state != "done":
                 log.info("#%d changed while it was processed; again with the new bytes", row.id)
                 return
-            self.metrics.inc("cxr_edge_inputs", labels={"result": "ok"}, help="inputs processed")
+            self.metrics.inputs.labels(result="ok").inc()
             if sr_error:
-                self.metrics.inc("cxr_edge_sr_failures", help="inputs whose findings were written without their SR")
+                self.metrics.sr_failures.inc()
                 log.warning("#%d findings written without an SR: %s", row.id, sr_error["reason"])
-            self.metrics.observe("cxr_edge_batch_size", timings.get("batch_size", 1), buckets=BATCH_BUCKETS,
-                                 help="inference batch sizes")
+            self.metrics.batch_size.observe(timings.get("batch_size", 1))
             age = time.time() - row.mtime_ns / 1e9
-            self.metrics.observe("cxr_edge_arrival_to_output_seconds", age, help="file mtime to outputs written")
+            self.metrics.arrival_to_output_seconds.observe(age)
             uid = (record.dicom or {}).get("sop_instance_uid")
             log.info("#%d done%s", row.id, f" (SOP Instance {uid})" if uid else "")
             self._dispose(self.cfg.inbox / row.relative, row.relative, "done", row.identity)
@@ -433,11 +429,11 @@ class Daemon:
                                     self.cfg.max_attempts, young=self._young(row), settle=self.cfg.settle,
                                     claimed_version=row.version)
         if state == "failed":
-            self.metrics.inc("cxr_edge_errors", labels={"stage": stage}, help="failed inputs by stage")
+            self.metrics.errors.labels(stage=stage).inc()
             log.warning("#%d failed: %s: %s", row.id, stage, reason)
             self._dispose(self.cfg.inbox / row.relative, row.relative, "failed", row.identity)
         else:
-            self.metrics.inc("cxr_edge_retries", labels={"kind": kind}, help="inputs to be retried, by error kind")
+            self.metrics.retries.labels(kind=kind).inc()
             log.warning("#%d will retry (%s): %s: %s", row.id, kind, stage, reason)
 
     def _young(self, row: Row) -> bool:
@@ -564,8 +560,7 @@ class Daemon:
                 except sqlite3.Error as exc:  # sent again later: the SR's UID makes that harmless
                     self._journal_failed(exc)
                     break
-                self.metrics.inc("cxr_edge_sr_sends", labels={"result": {"pending": "retry"}.get(state, state)},
-                                 help="SR C-STORE attempts")
+                self.metrics.sr_sends.labels(result={"pending": "retry"}.get(state, state)).inc()
                 if state == "sent":
                     log.info("SR sent to %s", destination)
                 elif state == "pending":
