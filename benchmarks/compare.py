@@ -60,7 +60,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "cxr_edge", "build-engine", "--model", str(package.root), "--int8",
                             "--calib", str(args.images), "--out", str(fast)], check=True)
     fast_package = ModelPackage.load(fast)
-    if fast_package.artifact("fp32")["sha256"] != package.artifact("fp32")["sha256"]:
+    if fast_package.artifact("fp32").sha256 != package.artifact("fp32").sha256:
         parser.error(f"{fast} holds other weights than {package.root}: the comparison would not be fair")
 
     items, _ = discover([str(p) for p in pngs])
@@ -71,7 +71,7 @@ def main() -> int:
     usual = run_usual_way(package, pngs, args.work / "usual-way-out")
     print(f"cxr-edge on {len(pngs)} images ...", flush=True)
     precisions = ["fp32", "int8"]
-    if any(v.get("format") == "tensorrt" for v in fast_package.manifest["artifacts"].values()):
+    if fast_package.artifacts(format="tensorrt"):
         precisions.append("fp16")
     ours = cxr_edge_bench(args.images, fast, precisions, args.passes, args.work / "bench.json")
 

@@ -45,7 +45,7 @@ def load_model(package):
     import timm
     import torch
 
-    arch = package.manifest["architecture"]
+    arch = package.section("architecture")
     model = timm.create_model(arch["timm_name"], pretrained=False, img_size=arch["img_size"],
                               in_chans=arch["in_chans"], num_classes=arch["num_classes"])
     state = timm_state_dict_from_onnx(package.read_verified("fp32"))
@@ -59,12 +59,12 @@ def run_usual_way(package, images: list[Path], out_dir: Path) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    params = package.manifest["preprocessing"]
+    params = package.preprocess_params
     model = load_model(package)
     transform = transforms.Compose([
-        transforms.Resize((params["size"], params["size"])),
+        transforms.Resize((params.size, params.size)),
         transforms.ToTensor(),
-        transforms.Normalize([params["mean"]] * params["channels"], [params["std"]] * params["channels"]),
+        transforms.Normalize([params.mean] * params.channels, [params.std] * params.channels),
     ])
     labels = list(package.labels)
     temperatures = package.temperatures
@@ -92,10 +92,10 @@ def weights_parity(package, tensors: np.ndarray) -> float:
     weights are the same ones, independent of preprocessing differences."""
     import torch
 
-    from cxr_edge.backends.onnxruntime import OnnxRuntimeBackend
+    from cxr_edge.backends import create_backend
 
     with torch.no_grad():
         torch_logits = load_model(package)(torch.from_numpy(tensors)).numpy()
-    with OnnxRuntimeBackend(package, "fp32") as ort_backend:
+    with create_backend(package, "onnxruntime", "fp32") as ort_backend:
         ort_logits = ort_backend.infer(tensors)
     return float(np.abs(torch_logits - ort_logits).max())
