@@ -65,7 +65,7 @@ def built(tmp_path_factory):
 def test_int8_and_fp16_pass_the_gate_and_are_registered(built):
     package, proc, report = built
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "NO_TORCH" in proc.stderr  # the engines never import torch (DESIGN.md)
+    assert "NO_TORCH" in proc.stderr  # the engines never import torch (docs/architecture.md)
     assert set(report["artifacts"]) == {"fp16", "int8", "int8-dynamic"}
     manifest = ModelPackage.load(package).to_manifest()
     for key, entry in report["artifacts"].items():
