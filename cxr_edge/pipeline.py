@@ -14,7 +14,6 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -71,15 +70,8 @@ class Pipeline:
         self.labels, self.thresholds, self.temperatures = package.labels, package.thresholds, package.temperatures
         self.model_info = package.describe(runner.artifact_sha256)
         self.backend_info = runner.describe()
-        self.sinks = sinks if sinks is not None else ([SRSink(self.identity)] if write_sr else [])
+        self.sinks = sinks if sinks is not None else ([SRSink(self.model_info)] if write_sr else [])
         self.records = RecordWriter()
-
-    @cached_property
-    def identity(self):
-        """The model as the SR names it (imported on first use: PNG-only runs never load highdicom)."""
-        from .sr import ModelIdentity
-
-        return ModelIdentity(self.model_info["name"], self.model_info["version"], self.model_info["sha256"])
 
     def run(self, items: list[InputItem], on_result=None, pool: WorkerPool | None = None,
             heartbeat=None) -> list[Result]:

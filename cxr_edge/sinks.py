@@ -14,6 +14,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .atomic import atomic_write, atomic_write_json
@@ -116,8 +117,15 @@ class SRSink(Sink):
     name = "sr"
     suffix = ".sr.dcm"
 
-    def __init__(self, identity):
-        self.identity = identity  # sr.ModelIdentity
+    def __init__(self, model_info: dict):
+        self.model_info = model_info  # package.describe(): the model as the SR names it
+
+    @cached_property
+    def identity(self):
+        """sr.ModelIdentity, made on first use: a run without DICOM inputs never imports highdicom."""
+        from .sr import ModelIdentity
+
+        return ModelIdentity(self.model_info["name"], self.model_info["version"], self.model_info["sha256"])
 
     def accepts(self, inference: Inference) -> bool:
         return inference.prepared.dicom_header is not None
