@@ -25,10 +25,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from cxr_edge import sr_template
 from cxr_edge.findings import Finding
 from cxr_edge.labels import LABELS
 from cxr_edge.outputs import dicom_bytes
-from cxr_edge.sr import ModelIdentity, build_sr, read_sr_findings
+from cxr_edge.sr import ModelIdentity, build_sr, build_sr_reference, read_sr_findings
 from cxr_edge.sr_source import UTF8, SRSourceError, validated_source_header
 
 from .conftest import need_tool, shared
@@ -376,18 +377,25 @@ def test_no_header_value_in_errors(tmp_path, caplog, monkeypatch):
         path = _derive(tmp_path, RSNA, None, "other.dcm", **MARKED, Modality="SR")
         with pytest.raises(SRSourceError) as refused:
             build_sr(_header(path), _findings(), MODEL)
-        # Whatever highdicom raises, with whatever it quotes, only its type gets out.
+        with pytest.raises(SRSourceError) as refused_reference:
+            build_sr_reference(_header(path), _findings(), MODEL)
+        # Whatever highdicom (or the template path) raises, with whatever it quotes, only its
+        # type gets out.
         def quoting(*args, **kwargs):
             raise ValueError(f"invalid value {MARKER}")
 
         path = _derive(tmp_path, RSNA, None, "third.dcm", **MARKED)
         monkeypatch.setattr(hd.sr, "ComprehensiveSR", quoting)
         with pytest.raises(SRSourceError) as quoted:
+            build_sr_reference(_header(path), _findings(), MODEL)
+        monkeypatch.setattr(sr_template, "fill", quoting)
+        with pytest.raises(SRSourceError) as quoted_template:
             build_sr(_header(path), _findings(), MODEL)
     assert MARKER not in str(bad_uid.value) and "SOP Instance UID" in str(bad_uid.value)
-    assert str(refused.value) == "highdicom refused the SR content: ValueError"
-    assert str(quoted.value) == "highdicom refused the SR content: ValueError"
-    assert quoted.value.__cause__ is None and quoted.value.__suppress_context__
+    for error in (refused, refused_reference, quoted, quoted_template):
+        assert str(error.value) == "highdicom refused the SR content: ValueError"
+    for error in (quoted, quoted_template):
+        assert error.value.__cause__ is None and error.value.__suppress_context__
     _no_marker_anywhere(caplog, caught)
 
 
