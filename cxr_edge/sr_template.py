@@ -37,28 +37,35 @@ from highdicom.valuerep import _check_specific_character_set
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import DA, DS, DT, TM
 
 from cxr_edge.dicom_splice import Element, elements, encode_element, splice
 from cxr_edge.findings import Finding
+from cxr_edge.outputs import dicom_bytes
 from cxr_edge.sr_codes import ABSENT, PRESENT
 from cxr_edge.sr_highdicom import highdicom_sr, threshold_text
 
 # Present and Absent differ in value and meaning only: the scheme is not a hole.
 assert PRESENT.scheme_designator == ABSENT.scheme_designator
 
-# The stand-in source the template is built for: an image in its own study. Its values only
-# sit in holes (checked when a template is made).
-STAND_IN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+
+def _stand_in_uid(name: str) -> str:
+    return generate_uid(entropy_srcs=["cxr-edge SR template", name])
+
+
+# The stand-in source the template is built for (an image in its own study) and the stand-in
+# UIDs of the template itself. Every nested element that holds one of them is a hole, and none
+# may be anywhere else (checked when a template is made).
 STAND_IN = {
-    "SOPInstanceUID": "1.2.826.0.1.3680043.10.1389.1",
-    "SeriesInstanceUID": "1.2.826.0.1.3680043.10.1389.2",
-    "StudyInstanceUID": "1.2.826.0.1.3680043.10.1389.3",
+    "SOPClassUID": "1.2.840.10008.5.1.4.1.1.1",  # CR Image Storage
+    "SOPInstanceUID": _stand_in_uid("source instance"),
+    "SeriesInstanceUID": _stand_in_uid("source series"),
+    "StudyInstanceUID": _stand_in_uid("source study"),
 }
-STAND_IN_TRACKING_UID = "1.2.826.0.1.3680043.10.1389.4"
-STAND_IN_SR = {"series_instance_uid": "1.2.826.0.1.3680043.10.1389.5",
-               "sop_instance_uid": "1.2.826.0.1.3680043.10.1389.6"}
+STAND_IN_TRACKING_UID = _stand_in_uid("tracking")
+STAND_IN_SR = {"series_instance_uid": _stand_in_uid("series"),
+               "sop_instance_uid": _stand_in_uid("instance")}
 # Top-level attributes that come from the source or the call: removed from the template and set
 # for every SR (the Type 2 Patient / General Study ones always, the others when there are any).
 PER_INPUT_ROOT = (
@@ -70,25 +77,27 @@ PER_INPUT_ROOT = (
 _CONTENT_SEQUENCE = 0x0040A730
 _IMAGING_MEASUREMENTS = "126010"  # DCM concept name of the container of the groups
 
-# Nested holes. Those of the source are filled with the same value wherever they are ...
+# Nested holes. The source's UIDs, wherever they are (the evidence sequence, every image
+# reference): tag -> the source attribute ...
 _SOURCE_HOLES = {
     0x00081150: "SOPClassUID",  # Referenced SOP Class UID
     0x00081155: "SOPInstanceUID",  # Referenced SOP Instance UID
-    0x0020000D: "StudyInstanceUID",  # in the evidence sequence
+    0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
 }
-_CONTRIBUTION_DATETIME = 0x0018A002
-# ... those of a finding with its own, in its group: (tag, the template's value or prefix).
+_CONTRIBUTION_DATETIME = 0x0018A002  # highdicom's Contributing Equipment item
+# ... and each finding's values, in its measurement group: name -> (tag, what the template's
+# element holds there (None: any value), how many a group has).
 _GROUP_HOLES = {
-    "tracking_uid": (0x0040A124, STAND_IN_TRACKING_UID),
-    "numeric_value": (0x0040A30A, None),
-    "floating_point_value": (0x0040A161, None),
-    "threshold": (0x0040A160, "threshold="),  # Algorithm Parameters text (2 per group)
-    "code_value": (0x00080100, ABSENT.value),  # Present/Absent: the template is all Absent
-    "code_meaning": (0x00080104, ABSENT.meaning),
+    "tracking_uid": (0x0040A124, lambda text: text == STAND_IN_TRACKING_UID, 1),
+    "numeric_value": (0x0040A30A, None, 1),
+    "floating_point_value": (0x0040A161, None, 1),
+    # Algorithm Parameters text, at the group's level and the NUM's
+    "threshold": (0x0040A160, lambda text: text.startswith("threshold="), 2),
+    # Present/Absent: the template is all Absent
+    "code_value": (0x00080100, lambda text: text == ABSENT.value, 1),
+    "code_meaning": (0x00080104, lambda text: text == ABSENT.meaning, 1),
 }
-_PER_GROUP = {"tracking_uid": 1, "numeric_value": 1, "floating_point_value": 1, "threshold": 2,
-              "code_value": 1, "code_meaning": 1}
 
 
 class TemplateError(RuntimeError):
@@ -104,18 +113,16 @@ class Template:
 
 
 def template_for(model, labels: Sequence[str]) -> Template:
-    """The template for this model identity and these labels, in this order (cached)."""
-    return _template(model.name, model.version, model.sha256, tuple(labels))
+    """The template for this model identity (sr.ModelIdentity: frozen, compared by value) and
+    these labels, in this order (cached)."""
+    return _template(model, tuple(labels))
 
 
 @lru_cache(maxsize=16)
-def _template(name: str, version: str, sha256: str, labels: tuple[str, ...]) -> Template:
-    from cxr_edge.outputs import dicom_bytes
-    from cxr_edge.sr import ModelIdentity
-
+def _template(model, labels: tuple[str, ...]) -> Template:
     # Probability 0 < threshold 1: all Absent, so Present/Absent is found by its value.
     findings = [Finding(label, 0.0, 1.0) for label in labels]
-    document = highdicom_sr(_stand_in_header(), findings, ModelIdentity(name, version, sha256),
+    document = highdicom_sr(_stand_in_header(), findings, model,
                             tracking_uids=[STAND_IN_TRACKING_UID] * len(labels), **STAND_IN_SR)
     for keyword in PER_INPUT_ROOT:
         if keyword in document:
@@ -132,7 +139,6 @@ def _template(name: str, version: str, sha256: str, labels: tuple[str, ...]) -> 
 
 def _stand_in_header() -> Dataset:
     header = Dataset()
-    header.SOPClassUID = STAND_IN_SOP_CLASS
     for keyword, uid in STAND_IN.items():
         setattr(header, keyword, uid)
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
@@ -145,16 +151,17 @@ def _stand_in_header() -> Dataset:
 
 def _holes(data: bytes, imaging: int, groups: int):
     holes, kinds = [], []
-    counts = [dict.fromkeys(_PER_GROUP, 0) for _ in range(groups)]
-    stand_ins = [uid.encode() for uid in (*STAND_IN.values(), STAND_IN_TRACKING_UID,
-                                          *STAND_IN_SR.values())]
+    expected = {name: count for name, (_, _, count) in _GROUP_HOLES.items()}
+    counts = [dict.fromkeys(expected, 0) for _ in range(groups)]
+    unique = [uid.encode() for uid in (*list(STAND_IN.values())[1:], STAND_IN_TRACKING_UID,
+                                        *STAND_IN_SR.values())]  # not the (public) SOP class
     for element in elements(data, 132):  # after the preamble and 'DICM'
         if element.vr == "SQ" or element.tag >> 16 == 0x0002:
             continue  # the File Meta Information is set on the decoded dataset
         # Top-level elements are set on the decoded dataset too: no holes there.
         kind = _kind(element, imaging) if element.path else None
         if kind is None:
-            if any(uid in element.value for uid in stand_ins):
+            if any(uid in element.value for uid in unique):
                 raise TemplateError(f"a stand-in value outside the holes, in {element.tag:08X}")
             continue
         holes.append(element)
@@ -162,22 +169,23 @@ def _holes(data: bytes, imaging: int, groups: int):
         name, group = kind
         if group is not None:
             counts[group][name] += 1
-    if any(count != _PER_GROUP for count in counts):
+    if any(count != expected for count in counts):
         raise TemplateError("measurement groups without the expected values")
     return tuple(holes), tuple(kinds)
 
 
 def _kind(element: Element, imaging: int) -> tuple[str, int | None] | None:
+    """(what goes in this nested element, its group or None), or None: not a hole."""
+    text = element.value.rstrip(b"\0 ").decode("ascii", errors="replace")
     if element.tag in _SOURCE_HOLES:
-        return _SOURCE_HOLES[element.tag], None
+        keyword = _SOURCE_HOLES[element.tag]
+        if text != STAND_IN[keyword]:
+            raise TemplateError(f"a reference to something else than the source, in {element.tag:08X}")
+        return keyword, None
     if element.tag == _CONTRIBUTION_DATETIME:
         return "contribution_datetime", None
-    value = element.value.rstrip(b"\0 ").decode("ascii", errors="replace")
-    for name, (tag, template_value) in _GROUP_HOLES.items():
-        if element.tag != tag:
-            continue
-        if template_value is not None and not (value.startswith(template_value) if name == "threshold"
-                                               else value == template_value):
+    for name, (tag, holds, _) in _GROUP_HOLES.items():
+        if element.tag != tag or (holds is not None and not holds(text)):
             continue
         path = element.path
         if len(path) < 2 or path[0] != (_CONTENT_SEQUENCE, imaging) or path[1][0] != _CONTENT_SEQUENCE:

@@ -48,8 +48,8 @@ SOURCES = _SAMPLE_FILES + sorted(
     if p.name not in {s.name for s in _SAMPLE_FILES})
 MODEL = ModelIdentity(name="cxr-densenet121", version="1.0.0", sha256="0123abcd" * 8)
 NOW = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456)
-UIDS = {"series_instance_uid": "1.2.826.0.1.3680043.10.1389.77.1",
-        "sop_instance_uid": "1.2.826.0.1.3680043.10.1389.77.2"}
+UIDS = {"series_instance_uid": generate_uid(entropy_srcs=["test_sr", "series"]),
+        "sop_instance_uid": generate_uid(entropy_srcs=["test_sr", "instance"])}
 
 
 def _made_up_findings(seed: int) -> list[Finding]:
