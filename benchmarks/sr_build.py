@@ -35,8 +35,8 @@ from cxr_edge.sr import ModelIdentity, build_sr, build_sr_reference  # noqa: E40
 
 def bundled_model() -> tuple[ModelIdentity, list[str], list[float]]:
     package = ModelPackage.load()
-    artifact = package.artifact("fp32")
-    identity = ModelIdentity(package.name, package.version, artifact["sha256"])
+    named = package.describe(package.artifact("fp32").sha256)  # as the SR sink names the model
+    identity = ModelIdentity(named["name"], named["version"], named["sha256"])
     return identity, list(package.labels), [float(t) for t in package.thresholds]
 
 
