@@ -55,7 +55,11 @@ class WorkerPool:
         self.close()
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=init_worker)
+        executor = ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=init_worker)
+        # The executor forks on its first task, not when it is made: fork now, so the workers
+        # are copies of this process as it is (before a runner starts its threads).
+        executor.submit(int).result()
+        return executor
 
     def submit_prepare(self, item: InputItem) -> Future:
         return self.submit(prepare, item, self.params, self.max_pixels, self.min_side, self.confine)

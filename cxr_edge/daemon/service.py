@@ -223,15 +223,21 @@ class Daemon:
 
         from ..backends import create_backend, select_backend
         from ..pipeline import Pipeline
+        from ..sinks import SRSink
         from ..workers import WorkerPool, default_workers
 
         cfg = self.cfg
         workers = cfg.workers or default_workers()
+        selection = select_backend(package, cfg.backend, cfg.precision)
+        if cfg.write_sr:  # the first study's SR must not wait for a template every worker would build
+            try:
+                SRSink(package.describe(package.artifact(selection.artifact).sha256)).warm(package.labels)
+            except Exception as exc:  # each SR then falls back to highdicom's constructor
+                log.warning("cannot prepare the SR template (%s); SRs will be built the slow way", type(exc).__name__)
         # Decode workers are forked before the backend starts its threads.
         pool = WorkerPool(workers, package.preprocess_params, min_side=cfg.min_side, confine=cfg.inbox)
         runner = None
         try:
-            selection = select_backend(package, cfg.backend, cfg.precision)
             runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
                                     threads=cfg.threads)
             runner.activate()
