@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from polygraphy.comparator import AccuracyResult, Comparator, IterationResult, RunResults
 
 from cxr_edge.backends.onnxruntime import cpu_session
 from cxr_edge.backends.polygraphy_env import polygraphy_calls
@@ -68,8 +69,6 @@ def tensorrt_runner(name: str, load_bytes):
 
 def run_holdout(runner, tensors: np.ndarray, batch: int = GATE_BATCH, min_batch: int = 1) -> HoldoutRun:
     """Run `runner` (inactive; Comparator activates it) over every image."""
-    from polygraphy.comparator import Comparator, IterationResult, RunResults
-
     with polygraphy_calls():
         results = Comparator.run([runner], data_loader=TensorBatches(tensors, batch, min_batch), warm_up=1)
         iterations = results[runner.name]
@@ -83,8 +82,6 @@ def run_holdout(runner, tensors: np.ndarray, batch: int = GATE_BATCH, min_batch:
 
 def gate(reference: HoldoutRun, candidate: HoldoutRun, compare_func):
     """The compare function's verdict (engines.gate.GateResult) on `candidate` against `reference`."""
-    from polygraphy.comparator import AccuracyResult, Comparator, RunResults
-
     both = RunResults()
     both.extend([*reference.results, *candidate.results])
     with polygraphy_calls():

@@ -19,6 +19,7 @@ from cxr_edge.manifest import DEFAULT_PACKAGE, ModelPackage
 from .conftest import SAMPLES, shared
 
 onnx = pytest.importorskip("onnx", reason="build-engine needs the engines extra (onnx)")
+pytest.importorskip("polygraphy", reason="build-engine needs the engines extra (polygraphy)")
 
 GPU_FACTS = MachineFacts("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 NO_TRT = MachineFacts(None, None, None, "tensorrt is not importable (ModuleNotFoundError)")

@@ -206,6 +206,7 @@ def test_polygraphy_runs_the_gate_without_importing_torch_or_printing():
     neither happens the way cxr-edge calls it (DESIGN.md: the engines never import torch)."""
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch is not installed: nothing to keep out")
+    pytest.importorskip("polygraphy", reason="the engines extra (polygraphy)")
     code = (
         "import sys, numpy as np\n"
         "from cxr_edge.manifest import ModelPackage\n"
