@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cxr_edge.atomic import atomic_write
-from cxr_edge.errors import CxrEdgeError
+from cxr_edge.errors import CxrEdgeError, ModelPackageError
 from cxr_edge.manifest import ModelPackage, sha256_bytes
 
 from .data import choose, list_source, load_tensors
 from .gate import DEFAULT_TOLERANCES, GateCompareFunc, Tolerance, tolerance_dict
 from .holdout import HoldoutRun, gate, onnxruntime_runner, run_holdout, tensorrt_runner
 from .quantize import DEFAULT_QUANTIZE_OPS
+from .tensorrt import BatchProfile, EngineBuildError, build_engine, plan_name, tensorrt_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,12 @@ def _build(package: ModelPackage, options: BuildOptions, report: dict) -> None:
                              "seed": options.seed}
     report["holdout"] = {"source": options.holdout or options.calib, "images": len(holdout.paths),
                          "labels": holdout.labels is not None}
-    reference = run_holdout(onnxruntime_runner("fp32", package.verified_loader("fp32"), options.threads), x_hold)
+    try:
+        reference = run_holdout(onnxruntime_runner("fp32", package.verified_loader("fp32"), options.threads), x_hold)
+    except CxrEdgeError:  # the sha256 check
+        raise
+    except Exception as exc:  # ONNX Runtime refuses bytes whose sha256 matched (corrupt when packaged)
+        raise ModelPackageError(f"{package.root}: the fp32 artifact does not run: {type(exc).__name__}: {exc}") from exc
     report["fp32"] = {"cpu_ms_per_image": round(reference.ms_per_image, 3)}
 
     with tempfile.TemporaryDirectory(prefix="cxr-edge-build-") as tmp:
@@ -171,7 +177,7 @@ def _refused(report: dict, key: str, precision: str, fmt: str, reason: str) -> N
 
 
 def _gate_and_register(package: ModelPackage, candidate: Candidate, reference: HoldoutRun, x_hold, labels,
-                       options: BuildOptions, report: dict, profile=None):
+                       options: BuildOptions, report: dict, profile: BatchProfile | None = None):
     """Run the candidate on the held-out images, gate it against FP32, register it if it passes."""
     key, fmt = candidate.key, candidate.format
     data = candidate.path.read_bytes()  # these bytes are gated, and these bytes are registered
@@ -210,8 +216,6 @@ def _gate_and_register(package: ModelPackage, candidate: Candidate, reference: H
 
 
 def _tensorrt_step(package, options, passed_onnx: set, reference, x_hold, labels, report) -> None:
-    from .tensorrt import BatchProfile, EngineBuildError, build_engine, plan_name, tensorrt_unavailable
-
     if options.tensorrt == "skip":
         report["tensorrt"] = {"status": "skipped", "reason": "--tensorrt skip"}
         return

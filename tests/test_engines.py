@@ -238,6 +238,20 @@ def test_batch_profile():
         BatchProfile(8, 1, 32).check()
 
 
+def test_build_engine_with_an_fp32_that_does_not_run_fails_in_one_line(tmp_path):
+    from cxr_edge.manifest import sha256_file
+
+    package = copy_package(tmp_path)
+    manifest = json.loads((package / "manifest.json").read_text())
+    model = package / manifest["artifacts"]["fp32"]["file"]
+    model.write_bytes(b"not an ONNX model")  # corrupt when packaged: its sha256 matches
+    manifest["artifacts"]["fp32"]["sha256"] = sha256_file(model)
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("build-engine", "--model", package, "--int8", "--calib", SAMPLES / "nih", "--workers", 1)
+    assert proc.returncode == 2 and "the fp32 artifact does not run: InvalidProtobuf" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # --- stamps and selection: pure logic on manifests and machine facts ---------------------------
 
 @pytest.mark.parametrize("facts,stamp,problem", [
