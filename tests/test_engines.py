@@ -176,7 +176,7 @@ def holdout():
     """The bundled model's FP32 run over real preprocessed X-rays (decoded before any runner)."""
     from cxr_edge.sources import discover
     from cxr_edge.workers import tensors_for
-    from engines.holdout import onnxruntime_runner, run_holdout
+    from cxr_edge.engines.holdout import onnxruntime_runner, run_holdout
 
     package = ModelPackage.load()
     items, _ = discover([str(SAMPLES / "nih")])
@@ -203,8 +203,8 @@ def shifted(model_bytes: bytes, shift: float) -> bytes:
     (float("nan"), False, "max_abs_dprob nan > 0.1"),  # NaN outputs are refused, not waved through
 ])
 def test_gate_is_a_comparator_result(holdout, shift, passes, reason):
-    from engines.gate import DEFAULT_TOLERANCES, GateCompareFunc, GateResult
-    from engines.holdout import gate, onnxruntime_runner, run_holdout
+    from cxr_edge.engines.gate import DEFAULT_TOLERANCES, GateCompareFunc, GateResult
+    from cxr_edge.engines.holdout import gate, onnxruntime_runner, run_holdout
 
     package, images, reference = holdout
     model = shifted(package.read_verified("fp32"), shift)
@@ -222,7 +222,7 @@ def test_gate_is_a_comparator_result(holdout, shift, passes, reason):
 
 
 def test_holdout_batches_pad_to_the_profile_minimum_and_drop_the_padding(holdout):
-    from engines.holdout import onnxruntime_runner, run_holdout
+    from cxr_edge.engines.holdout import onnxruntime_runner, run_holdout
 
     package, images, reference = holdout
     assert len(images) % 4  # a short last batch, padded to 4 by repeating its last image
@@ -231,7 +231,7 @@ def test_holdout_batches_pad_to_the_profile_minimum_and_drop_the_padding(holdout
 
 
 def test_batch_profile():
-    from engines.tensorrt import BatchProfile
+    from cxr_edge.engines.tensorrt import BatchProfile
 
     assert BatchProfile(1, 8, 32).shapes((1, 112, 112)) == ((1, 1, 112, 112), (8, 1, 112, 112), (32, 1, 112, 112))
     with pytest.raises(ValueError, match="min <= opt <= max"):

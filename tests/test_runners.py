@@ -167,7 +167,7 @@ def test_tensorrt_runner_on_an_engine_built_here(tmp_path, images):
     facts = machine_facts()
     if facts.tensorrt_version is None or facts.gpu_name is None:
         pytest.skip(f"needs TensorRT and an NVIDIA GPU: {facts.reason}")
-    from engines.tensorrt import BatchProfile, build_engine
+    from cxr_edge.engines.tensorrt import BatchProfile, build_engine
 
     package = ModelPackage(tmp_path, ModelPackage.load().to_manifest())
     (tmp_path / "model.onnx").write_bytes(ModelPackage.load().read_verified("fp32"))
@@ -210,7 +210,7 @@ def test_polygraphy_runs_the_gate_without_importing_torch_or_printing():
     code = (
         "import sys, numpy as np\n"
         "from cxr_edge.manifest import ModelPackage\n"
-        "from engines.holdout import onnxruntime_runner, run_holdout\n"
+        "from cxr_edge.engines.holdout import onnxruntime_runner, run_holdout\n"
         "p = ModelPackage.load()\n"
         "x = np.zeros((3, 1, p.preprocess_params.size, p.preprocess_params.size), np.float32)\n"
         "run = run_holdout(onnxruntime_runner('fp32', p.verified_loader('fp32'), 1), x, batch=2)\n"
