@@ -176,7 +176,7 @@ def build_engine(model_dir, out_dir, int8, fp16, calib, calib_count, holdout, ho
         from .engines.build import BuildOptions, build
         from .engines.gate import DEFAULT_TOLERANCES
     except ImportError as exc:
-        raise UsageFailure(f"build-engine needs the `engines` extra (onnx, sympy): pip install 'cxr-edge[engines]' ({exc})")
+        raise UsageFailure(f"build-engine needs the `engines` extra (onnx, sympy, polygraphy): pip install 'cxr-edge[engines]' ({exc})")
     overrides = {k: v for k, v in (("max_abs_dprob", max_dprob), ("mean_abs_dprob", mean_dprob),
                                    ("flip_rate", max_flip_rate), ("max_auroc_drop", max_auroc_drop)) if v is not None}
     tolerances = {p: dataclasses.replace(t, **overrides) for p, t in DEFAULT_TOLERANCES.items()}

@@ -1,8 +1,9 @@
 """`cxr-edge build-engine`: make FP16 / INT8 artifacts, gate each against FP32, register the good ones.
 
-Every candidate is built in a staging folder, run on held-out real images next to FP32, and only
-moved into the package (and its sha256 into the manifest) when it passes the gate. The JSON
-report is written whatever happens.
+Every candidate is built in a staging folder, run on held-out real images next to FP32 through
+Polygraphy's Comparator (engines.holdout), and only written into the package (and its sha256
+into the manifest) when it passes the gate: the bytes the gate ran are the bytes registered.
+The JSON report is written whatever happens.
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ import json
 import logging
 import os
 import platform
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from cxr_edge.backends import create_backend
-from cxr_edge.errors import CxrEdgeError
-from cxr_edge.manifest import ModelPackage
+from cxr_edge.atomic import atomic_write
+from cxr_edge.errors import CxrEdgeError, ModelPackageError
+from cxr_edge.manifest import ModelPackage, sha256_bytes
 
 from .data import choose, list_source, load_tensors
-from .gate import DEFAULT_TOLERANCES, Tolerance, compare, judge, tolerance_dict
+from .gate import DEFAULT_TOLERANCES, GateCompareFunc, Tolerance, tolerance_dict
+from .holdout import HoldoutRun, gate, onnxruntime_runner, run_holdout, tensorrt_runner
 from .quantize import DEFAULT_QUANTIZE_OPS
+from .tensorrt import BatchProfile, EngineBuildError, build_engine, plan_name, tensorrt_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +55,31 @@ class BuildOptions:
     threads: int | None = None
 
 
-def run_onnx(package: ModelPackage, key: str, images: np.ndarray, threads: int | None, batch: int = 8):
-    """(logits, CPU ms per image at batch `batch`, after one warm-up batch)."""
-    with create_backend(package, "onnxruntime", package.manifest["artifacts"][key]["precision"], key,
-                        threads=threads) as runner:
-        runner.infer(images[:batch])
-        started = time.perf_counter()
-        logits = np.concatenate([runner.infer(images[i : i + batch]) for i in range(0, len(images), batch)])
-        ms = (time.perf_counter() - started) * 1e3 / len(images)
-    return logits, ms
+@dataclass(frozen=True)
+class Candidate:
+    """A built artifact still in staging, waiting for the gate."""
+
+    key: str
+    precision: str
+    format: str  # onnx | tensorrt
+    path: Path
+    info: dict  # how it was built
+    fields: dict = field(default_factory=dict)  # more manifest fields (TensorRT: stamp, profile)
 
 
 def _machine() -> dict:
+    """The CPU side. The GPU side (CUDA starts threads) is added after the decode workers are gone."""
     import onnxruntime
 
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": len(os.sched_getaffinity(0)),
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _gpu() -> dict:
     from cxr_edge.backends.stamp import machine_facts
 
     facts = machine_facts()
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": len(os.sched_getaffinity(0)),
-            "onnxruntime": onnxruntime.__version__, "tensorrt": facts.tensorrt_version, "gpu": facts.gpu_name,
-            "compute_capability": facts.compute_capability}
+    return {"tensorrt": facts.tensorrt_version, "gpu": facts.gpu_name, "compute_capability": facts.compute_capability}
 
 
 def _data(options: BuildOptions, params):
@@ -107,9 +112,7 @@ def build(package_root: str | Path | None, options: BuildOptions, report_path: P
     try:
         _build(package, options, report)
     finally:
-        tmp = report_path.with_name(report_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        os.replace(tmp, report_path)
+        atomic_write(report_path, (json.dumps(report, indent=2, default=str) + "\n").encode())
         report["report_path"] = str(report_path)
     return report
 
@@ -120,85 +123,99 @@ def _build(package: ModelPackage, options: BuildOptions, report: dict) -> None:
 
     if not (options.fp16 or options.int8):
         raise CxrEdgeError("nothing to build: pass --int8 and/or --fp16")
+    # Decoded first, in worker processes that are gone before any runner (or CUDA) starts threads.
     x_calib, calib, x_hold, holdout = _data(options, package.preprocess_params)
+    report["machine"].update(_gpu())
     report["calibration"] = {"source": options.calib, "images": len(calib.paths), "method": options.method,
                              "seed": options.seed}
     report["holdout"] = {"source": options.holdout or options.calib, "images": len(holdout.paths),
                          "labels": holdout.labels is not None}
-    reference, fp32_ms = run_onnx(package, "fp32", x_hold, options.threads)
-    report["fp32"] = {"cpu_ms_per_image": round(fp32_ms, 3)}
+    try:
+        reference = run_holdout(onnxruntime_runner("fp32", package.verified_loader("fp32"), options.threads), x_hold)
+    except CxrEdgeError:  # the sha256 check
+        raise
+    except Exception as exc:  # ONNX Runtime refuses bytes whose sha256 matched (corrupt when packaged)
+        raise ModelPackageError(f"{package.root}: the fp32 artifact does not run: {type(exc).__name__}: {exc}") from exc
+    report["fp32"] = {"cpu_ms_per_image": round(reference.ms_per_image, 3)}
 
     with tempfile.TemporaryDirectory(prefix="cxr-edge-build-") as tmp:
         staging = Path(tmp)
         fp32_path = staging / "model.fp32.onnx"
-        fp32_path.write_bytes(package.read_verified("fp32"))  # build from the verified bytes only
-        candidates = []
+        atomic_write(fp32_path, package.read_verified("fp32"))  # build from the verified bytes only
+        builders = []
         if options.fp16:
-            candidates.append(("fp16", "fp16", lambda out: fp16(fp32_path, out)))
+            builders.append(("fp16", "fp16", lambda out: fp16(fp32_path, out)))
         if options.int8:
-            candidates.append(("int8", "int8", lambda out: qdq_int8(
+            builders.append(("int8", "int8", lambda out: qdq_int8(
                 fp32_path, out, x_calib, options.method, options.quantize_ops, options.exclude_defaults)))
             if options.int8_dynamic:
-                candidates.append(("int8-dynamic", "int8", lambda out: dynamic_int8(fp32_path, out)))
-        passed_onnx = {}
-        for key, precision, make in candidates:
-            filename = f"model.{key}.onnx"
+                builders.append(("int8-dynamic", "int8", lambda out: dynamic_int8(fp32_path, out)))
+        passed_onnx = set()
+        for key, precision, make in builders:
+            path = staging / f"model.{key}.onnx"
             log.info("building %s", key)
             started = time.perf_counter()
             try:
-                info = make(staging / filename)
+                info = make(path)
             except Exception as exc:  # one failed build is reported; the others still run
-                log.error("%s: build failed: %s: %s", key, type(exc).__name__, exc)
-                report["artifacts"][key] = {"precision": precision, "format": "onnx", "passed": False,
-                                            "registered": False, "reasons": [f"build failed: {type(exc).__name__}: {exc}"]}
+                _refused(report, key, precision, "onnx", f"build failed: {type(exc).__name__}: {exc}")
                 continue
             info["build_seconds"] = round(time.perf_counter() - started, 1)
-            entry = _gate_and_register(package, key, precision, staging / filename, info, reference, x_hold,
-                                       holdout.labels, options, report, fmt="onnx")
-            if entry:
-                passed_onnx[key] = package.root / filename
+            if _gate_and_register(package, Candidate(key, precision, "onnx", path, info), reference, x_hold,
+                                  holdout.labels, options, report):
+                passed_onnx.add(key)
         _tensorrt_step(package, options, passed_onnx, reference, x_hold, holdout.labels, report)
     if any(a["registered"] for a in report["artifacts"].values()):
         package.save()  # one manifest write, and none when nothing passed
     report["passed"] = all(a["passed"] for a in report["artifacts"].values()) and not (report["tensorrt"] or {}).get("failed")
 
 
-def _gate_and_register(package, key, precision, path: Path, info: dict, reference, x_hold, labels, options, report,
-                       fmt: str, extra: dict | None = None) -> dict | None:
-    tolerance = options.tolerances[precision]
-    fields = {"format": fmt, "precision": precision, "build": info, **(extra or {})}
-    trial = ModelPackage(path.parent, {**package.manifest, "artifacts": {}})  # the candidate, still in staging
-    trial.add_artifact(key, path.name, **fields)
-    if fmt == "onnx":
-        logits, ms = run_onnx(trial, key, x_hold, options.threads)
-    else:
-        with create_backend(trial, "tensorrt", precision, key) as runner:
-            started = time.perf_counter()
-            logits = runner.infer(x_hold)
-            ms = (time.perf_counter() - started) * 1e3 / len(x_hold)
-    gate = compare(reference, logits, package.temperatures, package.thresholds, labels)
-    reasons = judge(gate, tolerance)
-    fp32_ms = report["fp32"]["cpu_ms_per_image"]
-    timing = ({"cpu_ms_per_image": round(ms, 3), "cpu_speedup_vs_fp32": round(fp32_ms / ms, 2)} if fmt == "onnx"
-              else {"gpu_ms_per_image_incl_copies": round(ms, 3)})
-    report["artifacts"][key] = {"precision": precision, "format": fmt, "build": info, "gate": gate,
-                                "tolerance": tolerance_dict(tolerance), "passed": not reasons, "reasons": reasons,
-                                "registered": not reasons, **timing}
-    if reasons:
-        log.error("%s REFUSED by the accuracy gate: %s", key, "; ".join(reasons))
+def _refused(report: dict, key: str, precision: str, fmt: str, reason: str) -> None:
+    log.error("%s: %s", key, reason)
+    report["artifacts"][key] = {"precision": precision, "format": fmt, "passed": False, "registered": False,
+                                "reasons": [reason]}
+
+
+def _gate_and_register(package: ModelPackage, candidate: Candidate, reference: HoldoutRun, x_hold, labels,
+                       options: BuildOptions, report: dict, profile: BatchProfile | None = None):
+    """Run the candidate on the held-out images, gate it against FP32, register it if it passes."""
+    key, fmt = candidate.key, candidate.format
+    data = candidate.path.read_bytes()  # these bytes are gated, and these bytes are registered
+    load = lambda: data  # noqa: E731 (a loader, Polygraphy's habit)
+    try:
+        if fmt == "onnx":
+            run = run_holdout(onnxruntime_runner(key, load, options.threads), x_hold)
+        else:
+            run = run_holdout(tensorrt_runner(key, load), x_hold, profile.opt_batch, profile.min_batch)
+    except Exception as exc:  # a candidate its runtime refuses is refused, the others still run
+        _refused(report, key, candidate.precision, fmt, f"cannot run: {type(exc).__name__}: {exc}")
         return None
-    shutil.move(str(path), package.root / path.name)
-    summary = {k: gate[k] for k in ("images", "max_abs_dprob", "mean_abs_dprob", "flip_rate")}
-    registered = package.add_artifact(key, path.name, **fields, gate=summary | {"max_auroc_drop": gate.get("max_auroc_drop")},
-                                      **timing)
-    log.info("%s passed the gate (max |dprob| %.4f, flips %.2f%%) and is registered", key, gate["max_abs_dprob"],
-             100 * gate["flip_rate"])
+    tolerance = options.tolerances[candidate.precision]
+    verdict = gate(reference, run, GateCompareFunc(package.temperatures, package.thresholds, tolerance, labels))
+    if fmt == "onnx":
+        fp32_ms = report["fp32"]["cpu_ms_per_image"]
+        timing = {"cpu_ms_per_image": round(run.ms_per_image, 3), "cpu_speedup_vs_fp32": round(fp32_ms / run.ms_per_image, 2)}
+    else:  # TrtRunner's time includes its host <-> device copies
+        timing = {"gpu_ms_per_image_incl_copies": round(run.ms_per_image, 3)}
+    report["artifacts"][key] = {"precision": candidate.precision, "format": fmt, "build": candidate.info,
+                                "gate": verdict.metrics, "tolerance": tolerance_dict(tolerance),
+                                "passed": verdict.passed, "reasons": list(verdict.reasons),
+                                "registered": verdict.passed, **timing}
+    if not verdict:
+        log.error("%s REFUSED by the accuracy gate: %s", key, "; ".join(verdict.reasons))
+        return None
+    name = candidate.path.name
+    atomic_write(package.root / name, data)
+    registered = package.add_artifact(key, name, format=fmt, precision=candidate.precision, build=candidate.info,
+                                      **candidate.fields, gate=verdict.summary(), **timing)
+    if registered.sha256 != sha256_bytes(data):
+        raise CxrEdgeError(f"{package.root / name} changed while it was being registered; run build-engine again")
+    log.info("%s passed the gate (max |dprob| %.4f, flips %.2f%%) and is registered", key,
+             verdict.metrics["max_abs_dprob"], 100 * verdict.metrics["flip_rate"])
     return registered
 
 
-def _tensorrt_step(package, options, passed_onnx: dict, reference, x_hold, labels, report) -> None:
-    from .tensorrt import Profile, build_engine, plan_name, tensorrt_unavailable
-
+def _tensorrt_step(package, options, passed_onnx: set, reference, x_hold, labels, report) -> None:
     if options.tensorrt == "skip":
         report["tensorrt"] = {"status": "skipped", "reason": "--tensorrt skip"}
         return
@@ -208,22 +225,31 @@ def _tensorrt_step(package, options, passed_onnx: dict, reference, x_hold, label
         log.warning("TensorRT step skipped: %s. The ONNX artifacts above are built and gated; run build-engine "
                     "again on the GPU machine to make engines.", reason)
         return
-    profile = Profile(options.min_batch, options.opt_batch, options.max_batch)
-    sample_shape = (package.preprocess_params.channels, package.preprocess_params.size, package.preprocess_params.size)
+    profile = BatchProfile(options.min_batch, options.opt_batch, options.max_batch)
+    params = package.preprocess_params
+    sample_shape = (params.channels, params.size, params.size)
     report["tensorrt"] = {"status": "built", "engines": []}
     for source_key in ("fp16", "int8"):  # the Q/DQ ONNX, not the dynamic one (IntegerOps do not parse)
         if source_key not in passed_onnx:
             continue
         with tempfile.TemporaryDirectory(prefix="cxr-edge-trt-") as tmp:
+            onnx_path = Path(tmp) / f"model.{source_key}.onnx"
+            atomic_write(onnx_path, package.read_verified(source_key))  # build from the verified bytes only
             staging_plan = Path(tmp) / "engine.plan"
             started = time.perf_counter()
-            stamp = build_engine(passed_onnx[source_key], staging_plan, sample_shape, profile, options.timing_cache,
-                                 options.optimization_level)
+            try:
+                stamp = build_engine(onnx_path, staging_plan, sample_shape, profile, options.timing_cache,
+                                     options.optimization_level)
+            except EngineBuildError as exc:
+                key = f"trt-{source_key}"
+                _refused(report, key, source_key, "tensorrt", f"build failed: {exc}")
+                report["tensorrt"]["engines"].append({"key": key, "registered": False})
+                continue
             plan = Path(tmp) / plan_name(source_key, stamp)
             staging_plan.rename(plan)
             key = f"trt-{source_key}-sm{stamp['compute_capability'].replace('.', '')}"
-            info = {"kind": "tensorrt", "from": passed_onnx[source_key].name,
+            info = {"kind": "tensorrt", "from": package.artifact(source_key).file,
                     "build_seconds": round(time.perf_counter() - started, 1)}
-            entry = _gate_and_register(package, key, source_key, plan, info, reference, x_hold, labels, options, report,
-                                       fmt="tensorrt", extra={"stamp": stamp, "profile": profile.__dict__})
+            candidate = Candidate(key, source_key, "tensorrt", plan, info, {"stamp": stamp, "profile": asdict(profile)})
+            entry = _gate_and_register(package, candidate, reference, x_hold, labels, options, report, profile)
             report["tensorrt"]["engines"].append({"key": key, "registered": entry is not None})

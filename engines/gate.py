@@ -3,10 +3,15 @@
 Compared on what users see, the calibrated probabilities: max and mean |Δprob|, decisions flipped
 at the manifest's thresholds, and per-class AUROC change when labels are given. An artifact beyond
 tolerance is not registered.
+
+`GateCompareFunc` is a Polygraphy compare function (two IterationResults -> {output: result});
+its result, `GateResult`, is truthy when the artifact passes, like Polygraphy's own. It compares
+whole hold-out sets (engines.holdout runs them), since flip rates and AUROC belong to the set.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,10 +77,46 @@ def judge(report: dict, tolerance: Tolerance) -> list[str]:
     reasons = []
     for key in ("max_abs_dprob", "mean_abs_dprob", "flip_rate", "max_auroc_drop"):
         value, limit = report.get(key), getattr(tolerance, key)
-        if value is not None and value > limit:
+        if value is not None and not value <= limit:  # NaN (a candidate that outputs NaN) fails too
             reasons.append(f"{key} {value:.4g} > {limit:g}")
     return reasons
 
 
 def tolerance_dict(tolerance: Tolerance) -> dict:
     return asdict(tolerance)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's verdict on one candidate against FP32: truthy when it passes."""
+
+    metrics: dict  # compare(): what the build report stores under "gate"
+    tolerance: Tolerance
+    reasons: tuple[str, ...]  # why it fails; empty when it passes
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def summary(self) -> dict:
+        """What the manifest keeps beside a registered artifact."""
+        keys = ("images", "max_abs_dprob", "mean_abs_dprob", "flip_rate", "max_auroc_drop")
+        return {key: self.metrics.get(key) for key in keys}
+
+
+class GateCompareFunc:
+    """Polygraphy compare function: FP32's and a candidate's IterationResult -> {output: GateResult}."""
+
+    def __init__(self, temperatures: np.ndarray, thresholds: np.ndarray, tolerance: Tolerance,
+                 labels: np.ndarray | None = None):
+        self.temperatures, self.thresholds, self.tolerance, self.labels = temperatures, thresholds, tolerance, labels
+
+    def __call__(self, reference, candidate) -> OrderedDict:
+        verdicts = OrderedDict()
+        for name, logits in reference.items():
+            metrics = compare(logits, candidate[name], self.temperatures, self.thresholds, self.labels)
+            verdicts[name] = GateResult(metrics, self.tolerance, tuple(judge(metrics, self.tolerance)))
+        return verdicts

@@ -1,25 +1,27 @@
-"""TensorRT engine build from an FP16 or Q/DQ ONNX: strongly typed, one batch profile, timing cache.
+"""TensorRT engine build from an FP16 or Q/DQ ONNX, through Polygraphy: strongly typed, one batch
+profile, timing cache. What is ours is the configuration and the engine's stamp.
 
-Written against the documented TensorRT 10.12+/11.x Python API (TENSORRT.md section 1):
-precision comes from the ONNX, never from builder flags (11.x removed them; on 10.x they
-conflict with strong typing). NOT RUN on a GPU yet: no GPU or tensorrt wheel was available where
-it was written. No torch.
+Precision comes from the ONNX, never from builder flags: 11.x removed them and on 10.x they
+conflict with strong typing (TENSORRT.md section 1). Written against Polygraphy 0.53 and
+TensorRT 10.12+/11.x. NOT RUN on a GPU yet. No torch.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_edge.atomic import atomic_write
+from cxr_edge.backends.polygraphy_env import error_text, polygraphy_calls
 from cxr_edge.backends.stamp import machine_facts
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Profile:
+class BatchProfile:
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 32
@@ -27,6 +29,14 @@ class Profile:
     def check(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}")
+
+    def shapes(self, sample_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) input shapes."""
+        return tuple((batch, *sample_shape) for batch in (self.min_batch, self.opt_batch, self.max_batch))
+
+
+class EngineBuildError(RuntimeError):
+    """TensorRT refused the ONNX or the build failed; the message carries TensorRT's reasons."""
 
 
 def tensorrt_unavailable() -> str | None:
@@ -37,60 +47,45 @@ def tensorrt_unavailable() -> str | None:
     return facts.reason or "TensorRT or a CUDA GPU is not available"
 
 
-def _capturing_logger(trt):
-    """A trt.ILogger that keeps messages: build errors only arrive through the logger."""
+def build_config(trt, input_name: str, sample_shape: tuple[int, ...], profile: BatchProfile,
+                 timing_cache: Path | None, optimization_level: int, workspace_gib: float):
+    """Polygraphy's CreateConfig with cxr-edge's choices (a loader: called with builder, network)."""
+    from polygraphy.backend.trt import CreateConfig, Profile
 
-    class Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.messages = []
+    low, opt, high = profile.shapes(sample_shape)
+    return CreateConfig(
+        profiles=[Profile().add(input_name, min=low, opt=opt, max=high)],
+        tf32=True,  # TensorRT's own default, which Polygraphy turns off; FP32 parts of the ONNX may use it
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * (1 << 30))},
+        builder_optimization_level=optimization_level,
+        # a cache from another GPU is refused, not silently used (Polygraphy: ignore_mismatch=False)
+        load_timing_cache=str(timing_cache) if timing_cache and timing_cache.is_file() else None,
+        profiling_verbosity=trt.ProfilingVerbosity.LAYER_NAMES_ONLY,  # TensorRT's default
+    )
 
-        def log(self, severity, msg):
-            self.messages.append((severity, msg))
-            if severity <= trt.ILogger.Severity.WARNING:
-                log.warning("TensorRT: %s", msg)
 
-    return Logger()
-
-
-def build_engine(onnx_path: Path, plan_path: Path, sample_shape: tuple[int, ...], profile: Profile,
+def build_engine(onnx_path: Path, plan_path: Path, sample_shape: tuple[int, ...], profile: BatchProfile,
                  timing_cache: Path | None = None, optimization_level: int = 3, workspace_gib: float = 4.0) -> dict:
-    """Write a serialized engine to `plan_path`; return its stamp."""
+    """Write a serialized engine to `plan_path` (and the updated timing cache), atomically;
+    return the engine's stamp. Raises EngineBuildError with TensorRT's reasons."""
     import tensorrt as trt
+    from polygraphy.backend.trt import engine_bytes_from_network, network_from_onnx_path
 
     profile.check()
-    logger = _capturing_logger(trt)
-    builder = trt.Builder(logger)
-    # The enum value differs between 10.x (1) and 11.x (0): never hard-code the bit.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT cannot parse {onnx_path.name}: {'; '.join(errors)}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    config.builder_optimization_level = optimization_level
-    input_name = network.get_input(0).name
-    opt_profile = builder.create_optimization_profile()
-    opt_profile.set_shape(input_name, (profile.min_batch, *sample_shape), (profile.opt_batch, *sample_shape),
-                          (profile.max_batch, *sample_shape))
-    if config.add_optimization_profile(opt_profile) < 0:
-        raise RuntimeError(f"invalid optimization profile {profile}")
-    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)  # must outlive the build
-    config.set_timing_cache(cache, False)  # a cache from another GPU is refused, not silently used
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        errors = [msg for severity, msg in logger.messages if severity <= trt.ILogger.Severity.ERROR]
-        raise RuntimeError(f"TensorRT build failed: {'; '.join(errors) or 'no message'}")
-    tmp = plan_path.with_name(plan_path.name + ".tmp")
-    tmp.write_bytes(bytes(plan))
-    os.replace(tmp, plan_path)
-    if timing_cache:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = timing_cache.with_name(timing_cache.name + ".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, timing_cache)
+    with polygraphy_calls() as errors, tempfile.TemporaryDirectory(prefix="cxr-edge-trt-cache-") as tmp:
+        staged_cache = Path(tmp) / "timing.cache"  # Polygraphy writes here; ours is replaced atomically
+        try:
+            # parse_from_file: weights stored beside the ONNX are found too
+            builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+            config = build_config(trt, network.get_input(0).name, sample_shape, profile, timing_cache,
+                                  optimization_level, workspace_gib)
+            plan = engine_bytes_from_network((builder, network, parser), config=config,
+                                             save_timing_cache=str(staged_cache) if timing_cache else None)
+        except Exception as exc:  # Polygraphy raises PolygraphyException; TensorRT's reasons were logged
+            raise EngineBuildError(f"TensorRT cannot build {onnx_path.name}: {error_text(exc, errors)}") from exc
+        atomic_write(plan_path, lambda f: f.write(plan))
+        if timing_cache:
+            atomic_write(timing_cache, staged_cache.read_bytes())
     facts = machine_facts()
     return {"tensorrt_version": trt.__version__, "gpu_name": facts.gpu_name,
             "compute_capability": facts.compute_capability, "hardware_compatibility": "NONE",

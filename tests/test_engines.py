@@ -19,6 +19,7 @@ from cxr_edge.manifest import DEFAULT_PACKAGE, ModelPackage
 from .conftest import SAMPLES, shared
 
 onnx = pytest.importorskip("onnx", reason="build-engine needs the engines extra (onnx)")
+pytest.importorskip("polygraphy", reason="build-engine needs the engines extra (polygraphy)")
 
 GPU_FACTS = MachineFacts("10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
 NO_TRT = MachineFacts(None, None, None, "tensorrt is not importable (ModuleNotFoundError)")
@@ -166,6 +167,89 @@ def test_build_engine_usage_errors(tmp_path):
     assert proc.returncode == 2 and "need some to calibrate and some to hold out" in proc.stderr
     proc = cli("build-engine", "--model", package, "--int8", "--calib", SAMPLES / "nih", "--batch-profile", "8,1")
     assert proc.returncode == 2 and "MIN,OPT,MAX" in proc.stderr
+
+
+# --- the gate, through Polygraphy's Comparator, on real sessions and real images ----------------
+
+@pytest.fixture(scope="module")
+def holdout():
+    """The bundled model's FP32 run over real preprocessed X-rays (decoded before any runner)."""
+    from cxr_edge.sources import discover
+    from cxr_edge.workers import tensors_for
+    from cxr_edge.engines.holdout import onnxruntime_runner, run_holdout
+
+    package = ModelPackage.load()
+    items, _ = discover([str(SAMPLES / "nih")])
+    images = tensors_for(items, package.preprocess_params, workers=1).tensors
+    return package, images, run_holdout(onnxruntime_runner("fp32", package.verified_loader("fp32"), 1), images)
+
+
+def shifted(model_bytes: bytes, shift: float) -> bytes:
+    """The same model with `shift` added to every logit (a candidate that drifts)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load_from_string(model_bytes)
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{name}_raw" if name == output else name for name in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([shift], np.float32), "shift"))
+    model.graph.node.append(helper.make_node("Add", [f"{output}_raw", "shift"], [output]))
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("shift,passes,reason", [
+    (0.0, True, None),
+    (1.5, False, "max_abs_dprob"),
+    (float("nan"), False, "max_abs_dprob nan > 0.1"),  # NaN outputs are refused, not waved through
+])
+def test_gate_is_a_comparator_result(holdout, shift, passes, reason):
+    from cxr_edge.engines.gate import DEFAULT_TOLERANCES, GateCompareFunc, GateResult
+    from cxr_edge.engines.holdout import gate, onnxruntime_runner, run_holdout
+
+    package, images, reference = holdout
+    model = shifted(package.read_verified("fp32"), shift)
+    candidate = run_holdout(onnxruntime_runner("int8", lambda: model, 1), images)
+    assert candidate.logits.shape == reference.logits.shape == (len(images), 15) and candidate.ms_per_image > 0
+    verdict = gate(reference, candidate, GateCompareFunc(package.temperatures, package.thresholds,
+                                                         DEFAULT_TOLERANCES["int8"], labels=None))
+    assert isinstance(verdict, GateResult) and bool(verdict) is passes and verdict.passed is passes
+    assert verdict.metrics["images"] == len(images) and "auroc_fp32" not in verdict.metrics  # no labels given
+    if passes:
+        assert verdict.reasons == () and verdict.metrics["max_abs_dprob"] == 0.0
+        assert verdict.summary()["flip_rate"] == 0.0
+    else:
+        assert any(r.startswith(reason) for r in verdict.reasons), verdict.reasons
+
+
+def test_holdout_batches_pad_to_the_profile_minimum_and_drop_the_padding(holdout):
+    from cxr_edge.engines.holdout import onnxruntime_runner, run_holdout
+
+    package, images, reference = holdout
+    assert len(images) % 4  # a short last batch, padded to 4 by repeating its last image
+    padded = run_holdout(onnxruntime_runner("fp32-by-4", package.verified_loader("fp32"), 1), images, batch=4, min_batch=4)
+    np.testing.assert_allclose(padded.logits, reference.logits, atol=1e-4)
+
+
+def test_batch_profile():
+    from cxr_edge.engines.tensorrt import BatchProfile
+
+    assert BatchProfile(1, 8, 32).shapes((1, 112, 112)) == ((1, 1, 112, 112), (8, 1, 112, 112), (32, 1, 112, 112))
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        BatchProfile(8, 1, 32).check()
+
+
+def test_build_engine_with_an_fp32_that_does_not_run_fails_in_one_line(tmp_path):
+    from cxr_edge.manifest import sha256_file
+
+    package = copy_package(tmp_path)
+    manifest = json.loads((package / "manifest.json").read_text())
+    model = package / manifest["artifacts"]["fp32"]["file"]
+    model.write_bytes(b"not an ONNX model")  # corrupt when packaged: its sha256 matches
+    manifest["artifacts"]["fp32"]["sha256"] = sha256_file(model)
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("build-engine", "--model", package, "--int8", "--calib", SAMPLES / "nih", "--workers", 1)
+    assert proc.returncode == 2 and "the fp32 artifact does not run: InvalidProtobuf" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # --- stamps and selection: pure logic on manifests and machine facts ---------------------------

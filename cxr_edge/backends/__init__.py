@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 # name -> "module:Class", imported only when chosen (keeps `import cxr_edge` light).
 REGISTRY = {
     "onnxruntime": "cxr_edge.backends.onnxruntime:OnnxRuntimeRunner",
-    "tensorrt": "cxr_edge.backends.tensorrt:TensorRTBackend",
+    "tensorrt": "cxr_edge.backends.tensorrt:TensorRTRunner",
 }
+RUNS_FORMAT = {"onnxruntime": ArtifactFormat.ONNX, "tensorrt": ArtifactFormat.TENSORRT}
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKEND_CHOICES = ("auto", *REGISTRY)
 
@@ -73,11 +74,20 @@ def select_backend(package: ModelPackage, backend: str = "auto", precision: str 
 
 def create_backend(package: ModelPackage, name: str = "onnxruntime", precision: str = "fp32",
                    artifact: str | None = None, threads: int | None = None, **options) -> Runner:
-    """An inactive runner for one artifact of `package` (activate it: `with runner:`)."""
+    """An inactive runner for one artifact of `package` (activate it: `with runner:`).
+
+    `options` go to the runner's constructor (TensorRT: `stage_timing`, `warmup`); a TensorRT
+    runner also gets the engine's stamp, checked before the engine is deserialized."""
     if name not in REGISTRY:
         raise CxrEdgeError(f"unknown backend {name!r}; available: {', '.join(REGISTRY)}")
+    entry = package.artifact(artifact or precision)
+    runs = RUNS_FORMAT[name]
+    if entry.format != runs:
+        raise CxrEdgeError(f"{package.root}: artifact {entry.key!r} is a {entry.format} artifact; "
+                           f"the {name} backend runs {runs} artifacts")
+    if entry.format == ArtifactFormat.TENSORRT:
+        options = {"stamp": entry.stamp, **options}
     module_name, class_name = REGISTRY[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    entry = package.artifact(artifact or precision)
     return cls(package.verified_loader(entry.key), precision, entry.key, entry.sha256, threads=threads,
                where=str(package.root), **options)

@@ -1,4 +1,4 @@
-"""ONNX Runtime on CPU: the runner that works everywhere."""
+"""ONNX Runtime on CPU: the runner that works everywhere, and its session loader."""
 
 from __future__ import annotations
 
@@ -11,6 +11,26 @@ from ..errors import ModelPackageError
 from .base import Runner, Timings
 
 
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_session(model_bytes: bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session with cxr-edge's options (a loader's work: the runner and the
+    build-engine gate use the same one, so the gate measures what users run)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only; ORT warnings are noise for users
+    # Idle ORT threads spin by default, burning the cores the decode workers need: measured
+    # +8-12 % end to end on 2 cores with spinning off (README, `cxr-edge bench --mode e2e`).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
@@ -19,24 +39,14 @@ class OnnxRuntimeRunner(Runner):
         """`load_bytes`: a loader returning the artifact's sha256-verified bytes."""
         super().__init__(precision, artifact_key, artifact_sha256)
         self.load_bytes, self.where = load_bytes, where
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or default_threads()
         self.session = None
 
     def activate_impl(self) -> None:
-        import onnxruntime as ort
-
         # Verified bytes go straight to the session: the file cannot change between check and load.
         model_bytes = self.load_bytes()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only; ORT warnings are noise for users
-        # Idle ORT threads spin by default, burning the cores the decode workers need: measured
-        # +8-12 % end to end on 2 cores with spinning off (README, `cxr-edge bench --mode e2e`).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(model_bytes, self.threads)
         except Exception as exc:
             raise ModelPackageError(f"{self.where}: ONNX Runtime cannot load {self.artifact_key}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name

@@ -7,6 +7,7 @@ with a clear message before TensorRT prints a serialization assertion.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 REBUILD_HINT = "rebuild it on this machine with `cxr-edge build-engine --model {package} {flag}`"
@@ -39,6 +40,9 @@ def machine_facts() -> MachineFacts:
         import tensorrt as trt
     except Exception as exc:  # ImportError, or a broken CUDA library underneath
         return MachineFacts(None, None, None, f"tensorrt is not importable ({type(exc).__name__}: {exc})")
+    if importlib.util.find_spec("polygraphy") is None:  # cxr-edge builds and runs TensorRT through it
+        return MachineFacts(trt.__version__, None, None,
+                            "polygraphy is not installed (pip install 'cxr-edge[gpu]')")
     try:
         from cuda.bindings import runtime as cudart
     except Exception as exc:

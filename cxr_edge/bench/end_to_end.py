@@ -12,47 +12,37 @@ from .model_stage import Config, efficiency
 from .stats import instability_warning, summarize
 
 
-def decode_rate(items, package, workers: int) -> dict:
-    """Decode + preprocess alone, on the same worker pool as the pipeline: images per second."""
-    from ..workers import WorkerPool
-
-    pool = WorkerPool(workers, package.preprocess_params)
-    try:
-        list(pool.prepared(items[: min(len(items), 2 * workers)], window=2 * workers))  # start the workers
-        started = time.perf_counter()
-        done = sum(1 for p in pool.prepared(items, window=4 * workers) if p is not None)
-        elapsed = time.perf_counter() - started
-    finally:
-        pool.close()
+def decode_rate(items, pool, workers: int) -> dict:
+    """Decode + preprocess alone, on the pipeline's worker pool: images per second."""
+    list(pool.prepared(items[: min(len(items), 2 * workers)], window=2 * workers))  # warm the workers
+    started = time.perf_counter()
+    done = sum(1 for p in pool.prepared(items, window=4 * workers) if p is not None)
+    elapsed = time.perf_counter() - started
     return {"images_per_second": round(done / elapsed, 2), "seconds": round(elapsed, 3), "workers": workers}
 
 
-def bench_end_to_end(package, config: Config, items, *, batch_size: int, workers: int, threads: int | None,
+def bench_end_to_end(package, config: Config, items, *, pool, batch_size: int, workers: int, threads: int | None,
                      passes: int, warmup_items: int, write_sr: bool, cv_threshold: float,
                      model_rate: float | None, decode: dict, gflops_per_image: float | None,
                      gemm_gflop_s: float | None) -> dict:
+    """`pool`: the worker pool, its processes already forked (before any runner's threads)."""
     from ..backends import create_backend
     from ..pipeline import Pipeline
-    from ..workers import WorkerPool
 
-    pool = WorkerPool(workers, package.preprocess_params)  # forked before the backend's threads
     runner = create_backend(package, config.backend, config.precision, config.artifact, threads=threads)
     records, elapsed, failed, pass_rates = [], 0.0, 0, []
-    try:
-        with runner, tempfile.TemporaryDirectory(prefix="cxr-edge-bench-") as out:
-            pipeline = Pipeline(package, runner, Path(out), workers=workers, max_batch=batch_size, write_sr=write_sr)
-            pipeline.run(items[:warmup_items], pool=pool)
-            for _ in range(passes):
-                started = time.perf_counter()
-                results = pipeline.run(items, pool=pool)
-                took = time.perf_counter() - started
-                elapsed += took
-                pass_rates.append(len(items) / took)
-                records += [r.record.to_json() for r in results if r.status == "ok"]
-                failed += sum(r.status != "ok" for r in results)
-            described = runner.describe()
-    finally:
-        pool.close()
+    with runner, tempfile.TemporaryDirectory(prefix="cxr-edge-bench-") as out:
+        pipeline = Pipeline(package, runner, Path(out), workers=workers, max_batch=batch_size, write_sr=write_sr)
+        pipeline.run(items[:warmup_items], pool=pool)
+        for _ in range(passes):
+            started = time.perf_counter()
+            results = pipeline.run(items, pool=pool)
+            took = time.perf_counter() - started
+            elapsed += took
+            pass_rates.append(len(items) / took)
+            records += [r.record.to_json() for r in results if r.status == "ok"]
+            failed += sum(r.status != "ok" for r in results)
+        described = runner.describe()
     count = len(items) * passes
     throughput = count / elapsed
     stages = {stage: summarize(r["timings_ms"].get(stage) for r in records) for stage in STAGES}

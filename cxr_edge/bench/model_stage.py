@@ -22,13 +22,14 @@ class Config:
 def configs(package, backends, precisions) -> list[Config]:
     """Every artifact that can run here, plus a skipped entry (with the reason) for each
     backend x precision that cannot, so the report says why a row is missing."""
+    from ..backends import RUNS_FORMAT
     from ..backends.stamp import machine_facts, stamp_problem
 
     facts = machine_facts() if "tensorrt" in backends else None
     found = []
     for backend in backends:
         for precision in precisions:
-            fmt = "tensorrt" if backend == "tensorrt" else "onnx"
+            fmt = RUNS_FORMAT[backend]
             artifacts = package.artifacts(precision=precision, format=fmt)
             if not artifacts:
                 hint = "" if precision == "fp32" else f"; build it with `cxr-edge build-engine --{precision}`"
@@ -40,14 +41,20 @@ def configs(package, backends, precisions) -> list[Config]:
     return found
 
 
+def runner_options(backend: str) -> dict:
+    """Constructor options for a timed runner: TensorRT times its copies and compute apart
+    (a sync between them, as trtexec does); ONNX Runtime has no copies to time."""
+    return {"stage_timing": True} if backend == "tensorrt" else {}
+
+
 def bench_model(package, config: Config, batch_size: int, tensors: np.ndarray, *, warmup: int,
                 iterations: int, duration: float | None, threads: int | None, cv_threshold: float,
                 gflops_per_image: float | None, gemm_gflop_s: float | None) -> dict:
     from ..backends import create_backend
 
     batch = np.stack([tensors[i % len(tensors)] for i in range(batch_size)])  # real images, repeated
-    runner = create_backend(package, config.backend, config.precision, config.artifact, threads=threads)
-    runner.stage_timing = True  # TensorRT: sync between copies and compute to time them apart
+    runner = create_backend(package, config.backend, config.precision, config.artifact, threads=threads,
+                            **runner_options(config.backend))
     latencies, split = [], {"h2d": [], "compute": [], "d2h": []}
     with runner:
         for _ in range(warmup):

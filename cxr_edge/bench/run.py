@@ -32,29 +32,37 @@ class Settings:
     sample_images: int = 16
 
 
-def sample_tensors(items, package, count: int) -> np.ndarray:
-    """Real preprocessed images for the model stage (the first `count` that decode)."""
-    from ..decode import DEFAULT_MAX_PIXELS
-    from ..prepare import prepare
+def sample_tensors(items, package, count: int, pool=None) -> np.ndarray:
+    """Real preprocessed images for the model stage: the first `count` that decode, decoded in
+    crash-isolated worker processes (workers.tensors_for; `pool`: the bench's own)."""
+    from ..workers import tensors_for
 
     tensors = []
-    for item in items:
-        prepared = prepare(item, package.preprocess_params, DEFAULT_MAX_PIXELS)
-        if prepared.error is None:
-            tensors.append(prepared.tensor)
-        if len(tensors) == count:
+    for start in range(0, len(items), count):
+        tensors.extend(tensors_for(items[start : start + count], package.preprocess_params, pool=pool).tensors)
+        if len(tensors) >= count:
             break
     if not tensors:
         raise ValueError("none of the inputs could be decoded, so there is nothing to benchmark")
-    return np.stack(tensors)
+    return np.stack(tensors[:count])
 
 
 def run_bench(package, items, settings: Settings, progress=lambda message: None) -> dict:
-    from ..workers import default_workers
+    from ..workers import WorkerPool, default_workers
 
     workers = settings.workers or default_workers()
+    # One pool for the whole run, its workers forked by the first decode, before any runner
+    # (or CUDA) starts threads; decode_rate and the pipeline runs reuse it.
+    pool = WorkerPool(workers, package.preprocess_params)
+    try:
+        return _run_bench(package, items, settings, progress, pool, workers)
+    finally:
+        pool.close()
+
+
+def _run_bench(package, items, settings: Settings, progress, pool, workers: int) -> dict:
     progress("decoding sample images")
-    tensors = sample_tensors(items, package, settings.sample_images)
+    tensors = sample_tensors(items, package, settings.sample_images, pool)
     progress("counting model FLOPs and measuring the GEMM reference")
     onnx = package.artifacts(format="onnx")
     reference = next((a.key for a in onnx if a.precision == "fp32"), onnx[0].key if onnx else package.artifacts()[0].key)
@@ -96,7 +104,7 @@ def run_bench(package, items, settings: Settings, progress=lambda message: None)
 
     if settings.mode in ("e2e", "all"):
         progress("decode + preprocess alone")
-        decode = decode_rate(items, package, workers)
+        decode = decode_rate(items, pool, workers)
         for config in runnable:
             if (config, settings.e2e_batch_size) not in model_rates:  # the model's isolated rate at this batch size
                 quick = bench_model(package, config, settings.e2e_batch_size, tensors, warmup=3, iterations=10,
@@ -105,7 +113,7 @@ def run_bench(package, items, settings: Settings, progress=lambda message: None)
                 model_rates[(config, settings.e2e_batch_size)] = quick["throughput_img_s"]
             progress(f"end to end: {config.backend} {config.artifact}, {len(items)} inputs x {settings.passes}")
             report["end_to_end"].append(bench_end_to_end(
-                package, config, items, batch_size=settings.e2e_batch_size, workers=workers,
+                package, config, items, pool=pool, batch_size=settings.e2e_batch_size, workers=workers,
                 threads=settings.threads, passes=settings.passes, warmup_items=min(len(items), 2 * settings.e2e_batch_size),
                 write_sr=settings.write_sr, cv_threshold=settings.cv_threshold,
                 model_rate=model_rates[(config, settings.e2e_batch_size)], decode=decode,
