@@ -7,7 +7,6 @@ the model trains on exactly what it will be served.
 from __future__ import annotations
 
 import logging
-from pathlib import PurePath
 
 import numpy as np
 import torch
@@ -15,9 +14,9 @@ import torch
 from cxr_edge.limits import DEFAULT_MAX_PIXELS
 from cxr_edge.prepare import prepare
 from cxr_edge.preprocess import PreprocessParams
-from cxr_edge.sources import InputItem
 
-from .data import LeftOut, Record, cached_tensors, labels_of, load_tensors
+from .data import Record, labels_of
+from .tensors import LeftOut, cached_tensors, input_items, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +45,9 @@ class XrayDataset(torch.utils.data.Dataset):
 
     def _decode(self, record: Record) -> np.ndarray:
         # the decode workers' own function; mid-epoch there is no leaving an image out
-        path = record.path
-        prepared = prepare(InputItem(path.absolute(), PurePath(path.name)), self.params, DEFAULT_MAX_PIXELS)
+        prepared = prepare(input_items([record])[0], self.params, DEFAULT_MAX_PIXELS)
         if prepared.error:
-            raise ValueError(f"{path}: {prepared.error['stage']}: {prepared.error['reason']} (decoding on the fly "
+            raise ValueError(f"{record.path}: {prepared.error['stage']}: {prepared.error['reason']} (decoding on the fly "
                              "stops at an image that fails; --cache memory|DIR leaves it out and reports it)")
         return prepared.tensor
 

@@ -23,6 +23,7 @@ from cxr_edge.findings import sigmoid
 from cxr_edge.labels import LABELS
 from cxr_edge.manifest import sha256_file
 from cxr_edge.metrics import per_class_auroc
+
 from .data import Split, SplitSpec
 from .finetune import prepare_run, save_npz, save_run
 from .loop import LoopConfig, fit, predict_logits, seed_everything, setup_distributed
@@ -43,6 +44,7 @@ class DistillConfig(LoopConfig):
     loss: str = "bce"
     pos_weight: bool = True
     cache: str | None = None
+
 
 def soft_bce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """BCE between sigmoid(student / T) and sigmoid(teacher / T), times T^2 (Hinton et al.).

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path, PurePath
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from cxr_edge.metrics import (
 )
 
 from .data import Split, SplitSpec, labels_of
+from .tensors import input_items
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +143,19 @@ def _is_package(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
-def _report_left_out(left_out) -> None:
-    for path, reason in left_out:
-        log.error("%s: left out: %s", path, reason)
+class Scored(NamedTuple):
+    """A model's logits on the images that decoded, and what the report needs besides."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    temperatures: np.ndarray
+    thresholds: np.ndarray
+    history: list | None  # per-epoch training history, when known
+    model_info: dict
+    failed: int  # images left out because they did not decode
 
 
-def logits_from_run(run: Path, records, cache: str | None, workers: int):
+def logits_from_run(run: Path, records, cache: str | None, workers: int) -> Scored:
     from .dataset import make_dataset
     from .loop import predict_logits
     from .model import load_run_model, read_run_config
@@ -164,27 +173,28 @@ def logits_from_run(run: Path, records, cache: str | None, workers: int):
     history = json.loads((run / "history.json").read_text())["epochs"] if (run / "history.json").is_file() else None
     model_info = {"name": run.name, "kind": "torch run", "arch": cfg["arch"], "source": str(run)}
     logits = predict_logits(model, dataset, 64, workers)
-    return logits, dataset.labels, temperatures, thresholds, history, model_info, len(dataset.left_out)
+    return Scored(logits, dataset.labels, temperatures, thresholds, history, model_info, len(dataset.left_out))
 
 
-def logits_from_package(root: Path, records, precision: str, workers: int):
+def logits_from_package(root: Path, records, precision: str, workers: int) -> Scored:
     from cxr_edge.backends import create_backend, select_backend
     from cxr_edge.labeled import logits_for
     from cxr_edge.manifest import ModelPackage
-    from cxr_edge.sources import InputItem
 
     package = ModelPackage.load(root)
-    items = [InputItem(r.path.absolute(), PurePath(r.path.name)) for r in records]
+    items = input_items(records)
     selection = select_backend(package, "auto", precision)
     log.info("backend %s, artifact %s: %s", selection.backend, selection.artifact, selection.reason)
     runner = create_backend(package, selection.backend, precision, selection.artifact)  # inactive: logits_for
     logits, ok, failures = logits_for(items, package, runner, workers=workers)  # decodes, then activates it
-    _report_left_out((item.path, reason) for item, reason in failures)
+    for item, reason in failures:
+        log.error("%s: left out: %s", item.path, reason)
     model_info = {"name": f"{package.name} {package.version}", "kind": "model package", "precision": precision,
                   "artifact": selection.artifact, "backend": selection.backend,
                   "sha256": package.artifact(selection.artifact).sha256, "source": str(root)}
     history = package.section("provenance").get("history")
-    return (logits, labels_of(records)[ok], package.temperatures, package.thresholds, history, model_info, len(failures))
+    return Scored(logits, labels_of(records)[ok], package.temperatures, package.thresholds, history, model_info,
+                  len(failures))
 
 
 def evaluate(model_path: str | Path, data: list[str], split: str, out: str | Path, precision: str = "fp32",
@@ -202,16 +212,15 @@ def evaluate(model_path: str | Path, data: list[str], split: str, out: str | Pat
         raise ValueError(f"no images in split {split!r}")
     log.info("evaluating %s on %d images (%s)", model_path, len(records), split)
     if _is_package(model_path):
-        result = logits_from_package(model_path, records, precision, workers)
+        scored = logits_from_package(model_path, records, precision, workers)
     else:
-        result = logits_from_run(model_path, records, cache, workers)
-    logits, labels, temperatures, thresholds, history, model_info, failed = result
+        scored = logits_from_run(model_path, records, cache, workers)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": model_info, "data": f"{', '.join(spec.data)}; split {split}", "failed": failed,
-              "metrics": metrics_report(labels, logits, temperatures, thresholds, resamples)}
-    report["plots"] = plot_all(out, labels, logits, temperatures, history)
+    report = {"model": scored.model_info, "data": f"{', '.join(spec.data)}; split {split}", "failed": scored.failed,
+              "metrics": metrics_report(scored.labels, scored.logits, scored.temperatures, scored.thresholds, resamples)}
+    report["plots"] = plot_all(out, scored.labels, scored.logits, scored.temperatures, scored.history)
     atomic_write_json(out / "report.json", report)
     atomic_write(out / "report.md", markdown_report(report).encode())
-    atomic_write(out / "logits.npz", lambda f: np.savez(f, logits=logits, labels=labels))
+    atomic_write(out / "logits.npz", lambda f: np.savez(f, logits=scored.logits, labels=scored.labels))
     log.info("mean AUROC %s; report in %s", report["metrics"]["mean_auroc"], out)
     return report

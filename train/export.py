@@ -21,7 +21,8 @@ from cxr_edge.labels import LABELS
 from cxr_edge.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, ArtifactFormat, ModelPackage, Precision, sha256_file
 from cxr_edge.preprocess import PreprocessParams
 
-from .data import Split, SplitSpec, load_tensors
+from .data import Split, SplitSpec
+from .tensors import load_tensors
 from .model import load_run_model, read_run_config
 
 log = logging.getLogger(__name__)

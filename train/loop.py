@@ -1,10 +1,11 @@
 """The training loop shared by finetune and distill.
 
 AdamW (timm's factory: no decay on norms/biases, optional layer-wise LR decay) with linear warmup
-+ cosine (timm's scheduler, stepped per optimizer update), gradient accumulation, AMP on CUDA, DistributedDataParallel under torchrun, early
-stopping on validation mean AUROC with the best weights restored, and a checkpoint after every
-epoch that `--resume` continues from bit-for-bit: every random number comes from one generator
-whose state is checkpointed.
++ cosine (timm's scheduler, stepped per optimizer update), gradient accumulation, AMP on CUDA,
+DistributedDataParallel under torchrun, early stopping on validation mean AUROC with the best
+weights restored, and a checkpoint after every epoch (written atomically) that `--resume`
+continues from bit-for-bit: every random number comes from one generator whose state is
+checkpointed.
 """
 
 from __future__ import annotations
