@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from cxr_edge.atomic import atomic_write_json
 from cxr_edge.calibration import fit_calibration
 from cxr_edge.findings import sigmoid
 from cxr_edge.labels import LABELS
@@ -41,5 +41,5 @@ def calibrate_run(run_dir: str | Path, policy: str = "youden") -> dict:
             "calibration": calibration_report(test["labels"], test["logits"], temperatures)["mean"],
         },
     }
-    (run_dir / "calibration.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(run_dir / "calibration.json", result)
     return result

@@ -149,4 +149,4 @@ def export(run_dir: str, out: str, name: str, version: str, description: str) ->
     from .export import export_package
 
     package = export_package(run_dir, out, name, version, description)
-    click.echo(f"wrote {package.root} (parity {package.manifest['export']['parity_vs_torch']})")
+    click.echo(f"wrote {package.root} (parity {package.section('export')['parity_vs_torch']})")

@@ -17,18 +17,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr_edge.atomic import atomic_write_json
 from cxr_edge.calibration import fit_calibration
 from cxr_edge.findings import sigmoid
 from cxr_edge.labels import LABELS
 from cxr_edge.manifest import sha256_file
 from cxr_edge.metrics import per_class_auroc
-from cxr_edge.preprocess import PreprocessParams
 
-from .data import SplitSpec
-from .finetune import prepare_run, save_run
+from .data import Split, SplitSpec
+from .finetune import prepare_run, save_npz, save_run
 from .loop import LoopConfig, fit, predict_logits, seed_everything, setup_distributed
 from .losses import make_loss
-from .model import create_model, load_run_model
+from .model import create_model, load_run_model, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,12 @@ class DistillConfig(LoopConfig):
     pos_weight: bool = True
     cache: str | None = None
 
-    def split_from_teacher(self) -> tuple[SplitSpec, dict]:
-        teacher_cfg = json.loads((Path(self.teacher) / "config.json").read_text())
-        return SplitSpec.from_config(teacher_cfg), teacher_cfg
-
 
 def soft_bce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """BCE between sigmoid(student / T) and sigmoid(teacher / T), times T^2 (Hinton et al.)."""
+    """BCE between sigmoid(student / T) and sigmoid(teacher / T), times T^2 (Hinton et al.).
+
+    Kept here: timm's distillation tasks use a softmax KL divergence (one label per image); the
+    findings are independent sigmoids, so each is distilled as its own binary distribution."""
     targets = torch.sigmoid(teacher_logits / temperature)
     return F.binary_cross_entropy_with_logits(student_logits / temperature, targets) * temperature**2
 
@@ -65,7 +64,7 @@ def cached_teacher_logits(teacher, dataset, out: Path, teacher_sha: str, cfg: Di
             return torch.from_numpy(saved["logits"])
     log.info("teacher logits on %d training images (once)", len(dataset))
     logits = predict_logits(teacher.to(device), dataset, cfg.batch_size * 2, cfg.workers, device, cfg.amp)
-    np.savez(path, logits=logits, teacher_sha256=np.array(teacher_sha))
+    save_npz(path, logits=logits, teacher_sha256=np.array(teacher_sha))
     return torch.from_numpy(logits)
 
 
@@ -99,17 +98,16 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict:
     dist = setup_distributed()
     out, teacher_run = Path(cfg.out), Path(cfg.teacher)
     out.mkdir(parents=True, exist_ok=True)
-    split, teacher_cfg = cfg.split_from_teacher()
-    teacher, _, teacher_params = load_run_model(teacher_run)
-    params = teacher_params  # the student sees exactly the tensors the teacher saw
-    size = params.size
-    datasets = prepare_run(split, params, cfg.cache, cfg.workers, out, dist.main)
+    teacher_cfg, params = read_run_config(teacher_run)  # the student sees exactly the tensors the teacher saw
+    split = SplitSpec.from_config(teacher_cfg)
+    datasets = prepare_run(split, params, cfg.cache, cfg.workers, out, dist.main)  # decode before torch's threads
+    teacher, _, _ = load_run_model(teacher_run)
     teacher_sha = sha256_file(teacher_run / "model.safetensors")
-    teacher_train = cached_teacher_logits(teacher, datasets["train"], out, teacher_sha, cfg, dist.device).to(dist.device)
-    student = create_model(cfg.arch, len(LABELS), params.channels, size, cfg.init)
+    teacher_train = cached_teacher_logits(teacher, datasets[Split.TRAIN], out, teacher_sha, cfg, dist.device).to(dist.device)
+    student = create_model(cfg.arch, len(LABELS), params.channels, params.size, cfg.init)
     if hasattr(student, "set_distilled_training"):  # DeiT: return (class, distillation) logits in training
         student.set_distilled_training(True)
-    hard = make_loss(cfg.loss, torch.from_numpy(datasets["train"].labels), cfg.pos_weight).to(dist.device)
+    hard = make_loss(cfg.loss, torch.from_numpy(datasets[Split.TRAIN].labels), cfg.pos_weight).to(dist.device)
 
     def compute_loss(outputs, targets, index):
         soft_targets = teacher_train[index.to(teacher_train.device)]
@@ -119,7 +117,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict:
         return (1 - cfg.alpha) * hard(outputs, targets) + cfg.alpha * soft_bce(outputs, soft_targets, cfg.temperature)
 
     run_config = json.loads(json.dumps(asdict(cfg)))
-    history = fit(student, datasets["train"], datasets["val"], cfg, out, compute_loss, run_config, resume, dist)
+    history = fit(student, datasets[Split.TRAIN], datasets[Split.VAL], cfg, out, compute_loss, run_config, resume, dist)
     if not dist.main:
         return {}
     # The student's run folder looks like a finetune run, so calibrate / evaluate / export take it.
@@ -127,10 +125,10 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict:
                            "test_list": split.test_list, "val_fraction": split.val_fraction,
                            "distilled_from": {"run": str(teacher_run), "arch": teacher_cfg["arch"], "sha256": teacher_sha}}
     save_run(student, datasets, config, params, history, out)
-    test = datasets["test"]
+    test = datasets[Split.TEST]
     teacher_test = predict_logits(teacher.cpu(), test, cfg.batch_size * 2, cfg.workers)
     report = agreement_report(teacher_run, np.load(out / "logits_test.npz")["logits"], teacher_test, test.labels)
-    (out / "distill_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "distill_report.json", report)
     log.info("student mean AUROC %.4f vs teacher %.4f; decisions agree on %.1f%%", report["student_mean_auroc"],
              report["teacher_mean_auroc"], 100 * report["decision_agreement"])
     return report

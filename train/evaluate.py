@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from cxr_edge.atomic import atomic_write, atomic_write_json
 from cxr_edge.findings import sigmoid
 from cxr_edge.labels import LABELS
 from cxr_edge.metrics import (
     auroc, average_precision, bootstrap_auroc_ci, brier_score, expected_calibration_error, roc_curve,
 )
 
-from .data import SplitSpec
+from .data import Split, SplitSpec, labels_of
+from .tensors import input_items
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,13 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    plt.close(fig)
+
+
 def plot_all(out: Path, labels: np.ndarray, logits: np.ndarray, temperatures: np.ndarray, history: list | None) -> dict:
     import matplotlib
 
@@ -111,8 +121,7 @@ def plot_all(out: Path, labels: np.ndarray, logits: np.ndarray, temperatures: np
         fig.supxlabel("false positive rate" if kind == "roc" else "predicted probability (calibrated)")
         fig.supylabel("true positive rate" if kind == "roc" else "observed frequency")
         fig.tight_layout()
-        fig.savefig(out / f"{kind}.png", dpi=80)
-        plt.close(fig)
+        save_figure(fig, out / f"{kind}.png")
         plots[kind] = f"{kind}.png"
     if history:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -125,8 +134,7 @@ def plot_all(out: Path, labels: np.ndarray, logits: np.ndarray, temperatures: np
         ax2.set_ylabel("validation mean AUROC")
         fig.legend(loc="upper right")
         fig.tight_layout()
-        fig.savefig(out / "history.png", dpi=80)
-        plt.close(fig)
+        save_figure(fig, out / "history.png")
         plots["history"] = "history.png"
     return plots
 
@@ -135,13 +143,26 @@ def _is_package(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
-def logits_from_run(run: Path, records, cache: str | None, workers: int):
+class Scored(NamedTuple):
+    """A model's logits on the images that decoded, and what the report needs besides."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    temperatures: np.ndarray
+    thresholds: np.ndarray
+    history: list | None  # per-epoch training history, when known
+    model_info: dict
+    failed: int  # images left out because they did not decode
+
+
+def logits_from_run(run: Path, records, cache: str | None, workers: int) -> Scored:
     from .dataset import make_dataset
     from .loop import predict_logits
-    from .model import load_run_model
+    from .model import load_run_model, read_run_config
 
-    model, cfg, params = load_run_model(run)
-    dataset = make_dataset(records, params, cache, workers)
+    cfg, params = read_run_config(run)
+    dataset = make_dataset(records, params, cache, workers)  # decode (fork) first, then torch and its threads
+    model, _, _ = load_run_model(run)
     calibration_path = run / "calibration.json"
     if calibration_path.is_file():
         calibration = json.loads(calibration_path.read_text())
@@ -151,30 +172,29 @@ def logits_from_run(run: Path, records, cache: str | None, workers: int):
         temperatures, thresholds = np.ones(len(LABELS)), np.full(len(LABELS), 0.5)
     history = json.loads((run / "history.json").read_text())["epochs"] if (run / "history.json").is_file() else None
     model_info = {"name": run.name, "kind": "torch run", "arch": cfg["arch"], "source": str(run)}
-    return predict_logits(model, dataset, 64, workers), dataset.labels, temperatures, thresholds, history, model_info, 0
+    logits = predict_logits(model, dataset, 64, workers)
+    return Scored(logits, dataset.labels, temperatures, thresholds, history, model_info, len(dataset.left_out))
 
 
-def logits_from_package(root: Path, records, precision: str, workers: int):
+def logits_from_package(root: Path, records, precision: str, workers: int) -> Scored:
     from cxr_edge.backends import create_backend, select_backend
     from cxr_edge.labeled import logits_for
     from cxr_edge.manifest import ModelPackage
-    from cxr_edge.sources import InputItem
-
-    from .data import labels_of
 
     package = ModelPackage.load(root)
-    items = [InputItem(r.path.absolute(), Path(r.path.name)) for r in records]
+    items = input_items(records)
     selection = select_backend(package, "auto", precision)
     log.info("backend %s, artifact %s: %s", selection.backend, selection.artifact, selection.reason)
-    with create_backend(package, selection.backend, precision, selection.artifact) as runner:
-        logits, ok, failures = logits_for(items, package, runner, workers=workers)
+    runner = create_backend(package, selection.backend, precision, selection.artifact)  # inactive: logits_for
+    logits, ok, failures = logits_for(items, package, runner, workers=workers)  # decodes, then activates it
     for item, reason in failures:
         log.error("%s: left out: %s", item.path, reason)
-    history = package.manifest.get("provenance", {}).get("history")
     model_info = {"name": f"{package.name} {package.version}", "kind": "model package", "precision": precision,
-                  "artifact": selection.artifact,
-                  "backend": selection.backend, "sha256": package.artifact(selection.artifact)["sha256"], "source": str(root)}
-    return (logits, labels_of(records)[ok], package.temperatures, package.thresholds, history, model_info, len(failures))
+                  "artifact": selection.artifact, "backend": selection.backend,
+                  "sha256": package.artifact(selection.artifact).sha256, "source": str(root)}
+    history = package.section("provenance").get("history")
+    return Scored(logits, labels_of(records)[ok], package.temperatures, package.thresholds, history, model_info,
+                  len(failures))
 
 
 def evaluate(model_path: str | Path, data: list[str], split: str, out: str | Path, precision: str = "fp32",
@@ -186,22 +206,21 @@ def evaluate(model_path: str | Path, data: list[str], split: str, out: str | Pat
         spec = SplitSpec.from_config(json.loads((model_path / "config.json").read_text()))
     else:
         spec = SplitSpec(tuple(data), split_seed or 0)
-    records = (spec.splits()[split] if split != "all" else
-               [r for part in spec.splits().values() for r in part])
+    splits = spec.splits()
+    records = [r for part in splits.values() for r in part] if split == "all" else splits[Split(split)]
     if not records:
         raise ValueError(f"no images in split {split!r}")
     log.info("evaluating %s on %d images (%s)", model_path, len(records), split)
     if _is_package(model_path):
-        result = logits_from_package(model_path, records, precision, workers)
+        scored = logits_from_package(model_path, records, precision, workers)
     else:
-        result = logits_from_run(model_path, records, cache, workers)
-    logits, labels, temperatures, thresholds, history, model_info, failed = result
+        scored = logits_from_run(model_path, records, cache, workers)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": model_info, "data": f"{', '.join(spec.data)}; split {split}", "failed": failed,
-              "metrics": metrics_report(labels, logits, temperatures, thresholds, resamples)}
-    report["plots"] = plot_all(out, labels, logits, temperatures, history)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown_report(report))
-    np.savez(out / "logits.npz", logits=logits, labels=labels)
+    report = {"model": scored.model_info, "data": f"{', '.join(spec.data)}; split {split}", "failed": scored.failed,
+              "metrics": metrics_report(scored.labels, scored.logits, scored.temperatures, scored.thresholds, resamples)}
+    report["plots"] = plot_all(out, scored.labels, scored.logits, scored.temperatures, scored.history)
+    atomic_write_json(out / "report.json", report)
+    atomic_write(out / "report.md", markdown_report(report).encode())
+    atomic_write(out / "logits.npz", lambda f: np.savez(f, logits=scored.logits, labels=scored.labels))
     log.info("mean AUROC %s; report in %s", report["metrics"]["mean_auroc"], out)
     return report

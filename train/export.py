@@ -1,4 +1,8 @@
-"""Export a trained run to an ONNX model package, with parity against torch checked."""
+"""Export a trained run to an ONNX model package, with parity against torch checked.
+
+The package is built in a staging folder and published whole (cxr_edge.atomic): `--out` is the
+old package or the new one, never half of one, also when the export fails or is killed.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxr_edge.atomic import atomic_write, publish_dir, staging_dir
 from cxr_edge.findings import calibrated_probabilities
 from cxr_edge.labels import LABELS
-from cxr_edge.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, ModelPackage, sha256_file
+from cxr_edge.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, ArtifactFormat, ModelPackage, Precision, sha256_file
 from cxr_edge.preprocess import PreprocessParams
 
-from .data import SplitSpec, load_tensors
-from .model import load_run_model
+from .data import Split, SplitSpec
+from .tensors import load_tensors
+from .model import load_run_model, read_run_config
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4
@@ -36,17 +42,20 @@ def describe_split(cfg: dict) -> str:
 
 
 def parity_tensors(cfg: dict, params: PreprocessParams, count: int) -> np.ndarray:
-    """Real held-out images: the first `count` of the run's test split."""
-    test = SplitSpec.from_config(cfg).splits()["test"][:count]
-    return load_tensors(test, params)[0]
+    """Real held-out images: the first `count` of the run's test split that decode."""
+    test = SplitSpec.from_config(cfg).splits()[Split.TEST][:count]
+    decoded = load_tensors(test, params)
+    for path, reason in decoded.left_out:
+        log.warning("%s: not used for the parity check: %s", path, reason)
+    return decoded.images
 
 
 def export_onnx(model, params: PreprocessParams, path: Path) -> None:
     dummy = torch.zeros(2, params.channels, params.size, params.size)
-    torch.onnx.export(
-        model, dummy, str(path), input_names=["image"], output_names=["logits"],
+    atomic_write(path, lambda f: torch.onnx.export(
+        model, dummy, f, input_names=["image"], output_names=["logits"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET, dynamo=False,
-    )
+    ))
 
 
 def check_parity(model, onnx_path: Path, x: np.ndarray, temperatures: np.ndarray) -> dict:
@@ -63,27 +72,42 @@ def check_parity(model, onnx_path: Path, x: np.ndarray, temperatures: np.ndarray
 
 def export_package(run_dir: str | Path, out: str | Path, name: str, version: str, description: str,
                    parity_images: int = 16, extra: dict | None = None) -> ModelPackage:
+    """Write the package to `out`, replacing a package already there only once the new one is whole."""
     run_dir, out = Path(run_dir), Path(out)
-    model, cfg, params = load_run_model(run_dir)
+    cfg, params = read_run_config(run_dir)
+    parity_x = parity_tensors(cfg, params, parity_images)  # decode (fork) before torch starts its threads
+    model, _, _ = load_run_model(run_dir)
     calibration = json.loads((run_dir / "calibration.json").read_text())
-    temperatures = np.asarray(calibration["temperatures"])
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    export_onnx(model, params, staging / "model.onnx")
-    parity = check_parity(model, staging / "model.onnx", parity_tensors(cfg, params, parity_images), temperatures)
-    log.info("parity torch vs ONNX Runtime: %s", parity)
-    if parity["max_abs_dprob"] > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX export drifts from torch: max |dprob| {parity['max_abs_dprob']:.2e} > {PARITY_TOLERANCE}")
     history = json.loads((run_dir / "history.json").read_text())
-    n_params = sum(p.numel() for p in model.parameters())
+    staging = staging_dir(out)
+    try:
+        export_onnx(model, params, staging / "model.onnx")
+        parity = check_parity(model, staging / "model.onnx", parity_x, np.asarray(calibration["temperatures"]))
+        log.info("parity torch vs ONNX Runtime: %s", parity)
+        if parity["max_abs_dprob"] > PARITY_TOLERANCE:
+            raise RuntimeError(f"ONNX export drifts from torch: max |dprob| {parity['max_abs_dprob']:.2e} > {PARITY_TOLERANCE}")
+        manifest = package_manifest(cfg, params, model, calibration, history, parity, name, version, description, extra)
+        manifest["artifacts"]["fp32"] = {"file": "model.onnx", "sha256": sha256_file(staging / "model.onnx"),
+                                         "format": ArtifactFormat.ONNX.value, "precision": Precision.FP32.value,
+                                         "input": "image", "output": "logits"}
+        ModelPackage(staging, manifest).save()  # validated on construction and again on save
+        publish_dir(staging, out, replace=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ModelPackage.load(out)
+
+
+def package_manifest(cfg: dict, params: PreprocessParams, model, calibration: dict, history: dict, parity: dict,
+                     name: str, version: str, description: str, extra: dict | None) -> dict:
+    """A fresh manifest for the run (artifacts are added by the caller)."""
     init = cfg.get("init")
-    manifest = {
+    return {
         "format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
         "name": name, "version": version, "description": description,
         "labels": list(LABELS),
         "architecture": {"timm_name": cfg["arch"], "img_size": params.size, "in_chans": params.channels,
-                         "num_classes": len(LABELS), "parameters": n_params},
+                         "num_classes": len(LABELS), "parameters": sum(p.numel() for p in model.parameters())},
         "preprocessing": params.to_manifest(),
         "calibration": {"method": "temperature", "temperatures": calibration["temperatures"],
                         "fitted_on": f"validation split ({calibration['validation']['n']} images)",
@@ -105,10 +129,3 @@ def export_package(run_dir: str | Path, out: str | Path, name: str, version: str
         },
         "export": {"opset": OPSET, "parity_vs_torch": parity},
     }
-    package = ModelPackage(staging, manifest)
-    package.add_artifact("fp32", "model.onnx", format="onnx", precision="fp32", input="image", output="logits")
-    package.save()
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return ModelPackage.load(out)

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxr_edge.atomic import atomic_write, atomic_write_json
 from cxr_edge.labels import LABELS
 from cxr_edge.preprocess import PreprocessParams
 
-from .data import SplitSpec
+from .data import Split, SplitSpec
 from .dataset import make_dataset
 from .loop import LoopConfig, fit, predict_logits, seed_everything, setup_distributed
 from .losses import make_loss
@@ -44,26 +45,34 @@ class FinetuneConfig(LoopConfig):
 
 
 def prepare_run(split: SplitSpec, params: PreprocessParams, cache: str | None, workers: int, out: Path, main: bool):
-    """Splits + datasets; the split is written down so every later step uses the same one."""
+    """Splits + datasets; the split (and any image left out) is written down so every later step
+    uses the same one."""
     splits = split.splits()
-    log.info("data: %s", {k: len(v) for k, v in splits.items()})
+    log.info("data: %s", {str(k): len(v) for k, v in splits.items()})
+    datasets = {k: make_dataset(v, params, cache, workers) for k, v in splits.items()}
     if main:
-        (out / "split.json").write_text(json.dumps(
-            {k: sorted({r.patient_id for r in v}) for k, v in splits.items()} | {"spec": asdict(split)}, indent=1))
-    return {k: make_dataset(v, params, cache, workers) for k, v in splits.items()}
+        atomic_write_json(out / "split.json", {k: sorted({r.patient_id for r in v}) for k, v in splits.items()}
+                          | {"spec": asdict(split),
+                             "left_out": {k: [{"file": str(path), "reason": reason} for path, reason in d.left_out]
+                                          for k, d in datasets.items() if d.left_out}})
+    return datasets
+
+
+def save_npz(path: Path, **arrays) -> None:
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_run(model, datasets, config: dict, params: PreprocessParams, history: dict, out: Path) -> None:
     """The run folder every later step reads: weights, val/test logits, config, history."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model = model.cpu().eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    for name in ("val", "test"):
+    atomic_write(out / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    for name in (Split.VAL, Split.TEST):
         logits = predict_logits(model, datasets[name], config["batch_size"] * 2, config["workers"])
-        np.savez(out / f"logits_{name}.npz", logits=logits, labels=datasets[name].labels)
-    (out / "config.json").write_text(json.dumps(config | {"preprocessing": params.to_manifest()}, indent=2))
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+        save_npz(out / f"logits_{name}.npz", logits=logits, labels=datasets[name].labels)
+    atomic_write_json(out / "config.json", config | {"preprocessing": params.to_manifest()})
+    atomic_write_json(out / "history.json", history)
     log.info("best val mean AUROC %.4f; run saved in %s", history["best_val_mean_auroc"], out)
 
 

@@ -1,10 +1,11 @@
 """The training loop shared by finetune and distill.
 
 AdamW (timm's factory: no decay on norms/biases, optional layer-wise LR decay) with linear warmup
-+ cosine, gradient accumulation, AMP on CUDA, DistributedDataParallel under torchrun, early
-stopping on validation mean AUROC with the best weights restored, and a checkpoint after every
-epoch that `--resume` continues from bit-for-bit: every random number comes from one generator
-whose state is checkpointed.
++ cosine (timm's scheduler, stepped per optimizer update), gradient accumulation, AMP on CUDA,
+DistributedDataParallel under torchrun, early stopping on validation mean AUROC with the best
+weights restored, and a checkpoint after every epoch (written atomically) that `--resume`
+continues from bit-for-bit: every random number comes from one generator whose state is
+checkpointed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cxr_edge.atomic import atomic_write
 from cxr_edge.metrics import per_class_auroc
 
 from .augment import augment
@@ -86,11 +88,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * progress))
+def make_scheduler(optimizer, total_steps: int, warmup_steps: int, lr: float):
+    """Linear warmup from lr / warmup_steps to lr, then cosine to 0 at the last of `total_steps`
+    optimizer updates; timm's scheduler applies each group's layer-decay `lr_scale`."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=0.0,
+                             warmup_t=warmup_steps, warmup_lr_init=lr / max(1, warmup_steps), warmup_prefix=True,
+                             t_in_epochs=False)
+
+
+def base_lr(optimizer) -> float:
+    """The schedule's learning rate now (without a group's layer-decay scale)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def autocast(device: torch.device, amp: str):
@@ -125,14 +136,6 @@ def shard(order: list[int], dist: Distributed) -> list[int]:
     return padded[dist.rank :: dist.world]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def fit(model: torch.nn.Module, train_set: XrayDataset, val_set: XrayDataset, cfg: LoopConfig, out: Path,
         compute_loss: Callable, run_config: dict, resume: bool = False, dist: Distributed | None = None) -> dict:
     """Train `model` in place (ending on its best epoch's weights); return the history."""
@@ -154,6 +157,7 @@ def fit(model: torch.nn.Module, train_set: XrayDataset, val_set: XrayDataset, cf
     micro_batches = math.ceil(math.ceil(len(train_set) / dist.world) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_batches / cfg.accum_steps)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = make_scheduler(optimizer, total, warmup, cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)
     state = {"epoch": 0, "step": 0, "history": [], "best": -1.0, "best_state": None, "stale": 0, "stopped": False}
 
@@ -163,6 +167,8 @@ def fit(model: torch.nn.Module, train_set: XrayDataset, val_set: XrayDataset, cf
         _check_same_run(json.loads(saved["config"]), run_config)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        if "scheduler" in saved:  # checkpoints from before timm's scheduler: the step count is enough
+            scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])  # dropout / drop-path draw from the global generator
@@ -192,8 +198,7 @@ def fit(model: torch.nn.Module, train_set: XrayDataset, val_set: XrayDataset, cf
             if len(batches) >= 50 and (i + 1) % (len(batches) // 10) == 0:  # progress on long epochs
                 log.info("epoch %d: batch %d/%d, loss %.4f", state["epoch"] + 1, i + 1, len(batches), np.mean(losses[-50:]))
             if last_micro:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state["step"], total, warmup, cfg.lr) * group.get("lr_scale", 1.0)
+                scheduler.step_update(num_updates=state["step"])
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 scaler.step(optimizer)
@@ -209,7 +214,7 @@ def fit(model: torch.nn.Module, train_set: XrayDataset, val_set: XrayDataset, cf
         mean_auroc = float(np.nanmean(per_class_auroc(val_set.labels, val_logits)))
         state["epoch"] += 1
         state["history"].append({"epoch": state["epoch"], "train_loss": train_loss,
-                                 "val_mean_auroc": mean_auroc, "lr": lr_at(state["step"] - 1, total, warmup, cfg.lr),
+                                 "val_mean_auroc": mean_auroc, "lr": base_lr(optimizer),
                                  "seconds": round(time.perf_counter() - started, 1)})
         log.info("epoch %d/%d: %s", state["epoch"], cfg.epochs, state["history"][-1])
         if mean_auroc > state["best"]:
@@ -221,11 +226,12 @@ def fit(model: torch.nn.Module, train_set: XrayDataset, val_set: XrayDataset, cf
                 log.info("early stop: no validation AUROC gain for %d epochs", state["stale"])
                 state["stopped"] = True
         if dist.main:
-            _atomic_torch_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "generator": generator.get_state(),
-                                "torch_rng": torch.get_rng_state(),
-                                **({"cuda_rng": torch.cuda.get_rng_state(dist.device)} if dist.device.type == "cuda" else {}),
-                                "config": json.dumps(run_config)}, checkpoint_path)
+            checkpoint = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                          "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                          **({"cuda_rng": torch.cuda.get_rng_state(dist.device)} if dist.device.type == "cuda" else {}),
+                          "config": json.dumps(run_config)}
+            atomic_write(checkpoint_path, lambda f: torch.save(checkpoint, f))
     model.load_state_dict(state["best_state"])  # the best epoch, not the last
     return {"best_val_mean_auroc": state["best"], "epochs": state["history"], "stopped_early": state["stopped"]}
 

@@ -1,4 +1,4 @@
-"""Multi-label losses for imbalanced findings: BCE (+pos_weight), focal, asymmetric (ASL)."""
+"""Multi-label losses for imbalanced findings: BCE (+pos_weight), focal, asymmetric (ASL, timm's)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ def pos_weight_for(labels: torch.Tensor, cap: float = 20.0) -> torch.Tensor:
 
 
 class FocalLoss(torch.nn.Module):
-    """Lin et al. 2017: BCE scaled by (1 - p_t)^gamma, so easy negatives stop dominating."""
+    """Lin et al. 2017: BCE scaled by (1 - p_t)^gamma, so easy negatives stop dominating.
+
+    Kept here: timm's focal form (PolyBinaryCrossEntropy with epsilon 0) takes no pos_weight,
+    which `--pos-weight` applies to focal as to BCE."""
 
     def __init__(self, gamma: float = 2.0, pos_weight: torch.Tensor | None = None):
         super().__init__()
@@ -29,19 +32,12 @@ class FocalLoss(torch.nn.Module):
         return ((1 - p_t) ** self.gamma * bce).mean()
 
 
-class AsymmetricLoss(torch.nn.Module):
-    """Ridnik et al. 2021 (ASL): focusing gamma_neg on negatives, probability shift `clip`."""
+def asymmetric_loss() -> torch.nn.Module:
+    """Ridnik et al. 2021 (ASL), timm's: focusing gamma_neg 4 on negatives only (gamma_pos 0),
+    probability shift 0.05 (very easy negatives count 0); averaged over images and classes."""
+    from timm.loss import AsymmetricLossMultiLabel
 
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8):
-        super().__init__()
-        self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(logits)
-        p_neg = (p - self.clip).clamp(min=0) if self.clip else p  # shifted: very easy negatives count 0
-        loss_pos = targets * torch.log(p.clamp(min=self.eps)) * (1 - p) ** self.gamma_pos
-        loss_neg = (1 - targets) * torch.log((1 - p_neg).clamp(min=self.eps)) * p_neg**self.gamma_neg
-        return -(loss_pos + loss_neg).sum(1).mean() / logits.shape[1]
+    return AsymmetricLossMultiLabel(gamma_neg=4.0, gamma_pos=0.0, clip=0.05, eps=1e-8, reduction="mean")
 
 
 def make_loss(name: str, train_labels: torch.Tensor, use_pos_weight: bool) -> torch.nn.Module:
@@ -51,7 +47,7 @@ def make_loss(name: str, train_labels: torch.Tensor, use_pos_weight: bool) -> to
     if name == "focal":
         return FocalLoss(pos_weight=pos_weight)
     if name == "asl":
-        return AsymmetricLoss()  # ASL does its own re-balancing
+        return asymmetric_loss()  # ASL does its own re-balancing
     raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
 
 

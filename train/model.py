@@ -64,18 +64,25 @@ def create_model(arch: str, num_classes: int, in_chans: int, img_size: int, init
     return model
 
 
-def load_run_model(run_dir: str | Path):
-    """A run folder's model (config.json + model.safetensors), in eval mode, with its preprocessing."""
+def read_run_config(run_dir: str | Path):
+    """A run folder's config.json and its preprocessing, without building the model (decode first:
+    the decode workers are forked before torch starts its threads)."""
     import json
 
+    from cxr_edge.preprocess import PreprocessParams
+
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    return cfg, PreprocessParams.from_manifest(cfg["preprocessing"])
+
+
+def load_run_model(run_dir: str | Path):
+    """A run folder's model (config.json + model.safetensors), in eval mode, with its preprocessing."""
     from safetensors.torch import load_file
 
     from cxr_edge.labels import LABELS
-    from cxr_edge.preprocess import PreprocessParams
 
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    params = PreprocessParams.from_manifest(cfg["preprocessing"])
+    cfg, params = read_run_config(run_dir)
     model = create_model(cfg["arch"], len(LABELS), params.channels, params.size)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return model.eval(), cfg, params
