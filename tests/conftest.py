@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
+# 241 real NIH ChestX-ray14 images at 64x64 (labels.csv + images/): for the tests that need many
+# labeled images (INT8 calibration and its gate, training, a daemon burst). See its README.md.
+NIH_TINY64 = REPO / "tests" / "data" / "nih_tiny64"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
