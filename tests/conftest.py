@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to the real data, in the repo (samples/) and beside it (../shared)."""
+"""Shared test fixtures: paths to the real data, in the repo (samples/, tests/data/) and beside it (../shared)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
+# 241 real NIH ChestX-ray14 images at 64x64 (labels.csv + images/): for the tests that need many
+# labeled images (INT8 calibration and its gate, training, a daemon burst). See its README.md.
+NIH_TINY64 = REPO / "tests" / "data" / "nih_tiny64"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def shared(*parts: str) -> Path:
-    """A path under ../shared/data; skips the test with a reason when it is absent."""
+def shared(*parts: str, why: str = "") -> Path:
+    """A path under ../shared/data; skips the test, saying what it needs and `why`, when it is
+    absent. Only for what samples/ and tests/data cannot hold (the whole 98 MB NIH set)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs {path} (../shared/data is present in CI, not in a user's clone)")
+        pytest.skip(f"needs {path}{': ' + why if why else ''} (../shared/data is present in CI, not in a user's clone)")
     return path
 
 

@@ -1,28 +1,54 @@
-"""Test inputs generated into tmp_path from the real chest images in ../shared/data.
+"""Test inputs generated into tmp_path from the real chest images in samples/.
 
 Nothing here is synthetic noise: every image is a real radiograph (the canine DX, the RSNA CR,
 an NIH PNG), re-encoded, rescaled or given an edited header so one decode path is exercised.
-All helpers take their source path explicitly, so a test that calls them with
-`conftest.shared(...)` skips with a reason where ../shared/data is absent.
+The constants name files under samples/ (present in every clone); `path(...)` gives their
+location, and makes the one derived file (the RSNA CR with only its header's
+PhotometricInterpretation changed) on first use.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .conftest import SAMPLES
+
 CANINE_DX = ("dicom", "canine_thorax_dx_mono1_small.dcm")
 NEMA_CR_J2K = ("dicom", "nema_wg04_rg1_cr_j2k_mono1.dcm")
 RSNA_MONO2 = ("dicom", "rsna_cr_pa_jpeg_baseline_mono2.dcm")
-RSNA_MONO1_HEADER = ("dicom", "rsna_cr_pa_jpeg_baseline_mono1_header.dcm")
+# Derived (see path()): the RSNA file with its header saying MONOCHROME1, the pixel data untouched.
+RSNA_MONO1_HEADER = ("derived", "rsna_cr_pa_jpeg_baseline_mono1_header.dcm")
 REAL_DICOMS = (NEMA_CR_J2K, RSNA_MONO2, RSNA_MONO1_HEADER, CANINE_DX)
-NIH_RGBA = ("nih", "images", "00000100_000.png")  # the one RGBA file NIH ships in this sample
-NIH_L_1 = ("nih", "images", "00001063_000.png")
-NIH_L_2 = ("nih", "images", "00002416_000.png")
+NIH_RGBA = ("nih", "00000100_000.png")  # RGBA, as NIH ships it
+NIH_L_1 = ("nih", "00001873_000.png")  # mode L
+NIH_L_2 = ("nih", "00005067_000.png")  # mode L
 NIH_PNGS = (NIH_RGBA, NIH_L_1, NIH_L_2)
+
+_DERIVED: list[Path] = []
+
+
+def path(parts: tuple[str, ...]) -> Path:
+    """Where the real file named by `parts` (one of the constants above) is."""
+    if parts[0] != "derived":
+        found = SAMPLES.joinpath(*parts)
+        assert found.is_file(), f"{found} is missing from samples/"
+        return found
+    assert parts == RSNA_MONO1_HEADER, parts
+    if not _DERIVED:
+        folder = Path(tempfile.mkdtemp(prefix="cxr-edge-corpus-"))
+        atexit.register(shutil.rmtree, folder, True)
+        ds = read(path(RSNA_MONO2))
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        _DERIVED.append(folder / parts[-1])
+        ds.save_as(_DERIVED[0], enforce_file_format=True)
+    return _DERIVED[0]
 
 # Header elements that describe how stored values map to display; removed before a test sets
 # exactly the ones it exercises.

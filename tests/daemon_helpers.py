@@ -145,6 +145,42 @@ class DaemonProcess:
         return self.log_path.read_text()
 
 
+def signal_while_busy(daemon: DaemonProcess, signum: int, done_at_least: int = 1, total: int | None = None,
+                      to_group: bool = False, timeout: float = 300.0) -> list[dict]:
+    """Deliver `signum` at a moment the daemon is in the middle of its work: some inputs claimed
+    and not finished ('processing') and at least `done_at_least` done. Returns the journal's rows
+    at that moment, which are exactly the rows the signal meets: the daemon's process group (it
+    and its decode workers) is frozen with SIGSTOP while the journal is read, and only then
+    signalled, so nothing here depends on how fast the machine is. The signal goes to the daemon
+    alone (as systemd's KillMode=mixed sends SIGTERM, or the OOM killer picks one process) or,
+    with `to_group`, to the daemon and its workers; then the group runs on (SIGKILL: the daemon
+    is waited for). Fails if the daemon finished all `total` inputs before such a moment came."""
+    group = daemon.proc.pid  # started in a session of its own: its pid is the group's id
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.killpg(group, signal.SIGSTOP)
+        rows = daemon.rows() if daemon.journal.exists() else []
+        states = [r["state"] for r in rows]
+        if "processing" in states and states.count("done") >= done_at_least:
+            if to_group:
+                os.killpg(group, signum)
+            else:
+                os.kill(daemon.proc.pid, signum)  # a signal other than SIGKILL waits for SIGCONT
+            try:
+                os.killpg(group, signal.SIGCONT)
+            except ProcessLookupError:  # nothing of the group is left
+                pass
+            if signum == signal.SIGKILL:
+                daemon.proc.wait(30)
+            return rows
+        os.killpg(group, signal.SIGCONT)
+        if total is not None and states.count("done") + states.count("failed") >= total:
+            raise AssertionError(f"the daemon finished all {total} inputs before it could be caught mid-work")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for the daemon to be mid-work "
+                         f"with {done_at_least} done")
+
+
 def drop(source: Path, inbox: Path, name: str | None = None) -> Path:
     """Deliver a file the atomic way: temp name in the inbox, then rename."""
     target = inbox / (name or source.name)

@@ -83,16 +83,16 @@ def stop(proc: subprocess.Popen | None) -> None:
 def main(workdir: Path, dicoms: list[Path]) -> int:
     import pydicom
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from daemon_helpers import DaemonProcess
+
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    daemon_log = open(workdir / "daemon.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "cxr_edge", "watch", str(workdir / "inbox"), "--out", str(workdir / "out"),
-                               "--listen", f"CXREDGE@127.0.0.1:{DAEMON_PORT}", "--allow", "MODALITY",
-                               "--send-to", f"ORTHANC@127.0.0.1:{ORTHANC_DICOM}", "--settle", "0.5", "--workers", "2"],
-                              stdout=daemon_log, stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(workdir, "--listen", f"CXREDGE@127.0.0.1:{DAEMON_PORT}", "--allow", "MODALITY",
+                           "--send-to", f"ORTHANC@127.0.0.1:{ORTHANC_DICOM}")
     orthanc = None
     try:
-        wait_port(DAEMON_PORT)
+        daemon.start()  # READY=1: its SCP listens
         intruder = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "CXREDGE", "127.0.0.1", str(DAEMON_PORT),
                                    str(dicoms[0])], capture_output=True, text=True)
         sent = subprocess.run(["storescu", "--required", "-aet", "MODALITY", "-aec", "CXREDGE", "127.0.0.1", str(DAEMON_PORT),
@@ -116,7 +116,8 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
                           "inbox_files": sorted(p.name for p in (workdir / "inbox").glob("*.dcm"))}))
         return 0 if len(srs) == len(dicoms) and studies == sources else 1
     finally:
-        stop(daemon)
+        if daemon.proc is not None:
+            daemon.stop()
         stop(orthanc)
 
 

@@ -22,7 +22,7 @@ from cxr_edge.decode import DEFAULT_MAX_PIXELS, decode_file
 from cxr_edge.errors import DecodeError
 
 from . import corpus
-from .conftest import REPO, need_tool, shared
+from .conftest import REPO, need_tool
 
 _BUILT: dict = {}
 
@@ -70,18 +70,18 @@ def build(name: str, folder):
     if name in _BUILT:
         return _BUILT[name]
     if name == "jpeg_baseline_rsna":
-        path = shared(*corpus.RSNA_MONO2)
+        path = corpus.path(corpus.RSNA_MONO2)
     elif name == "jpeg2000_nema":
-        path = shared(*corpus.NEMA_CR_J2K)
+        path = corpus.path(corpus.NEMA_CR_J2K)
     elif name == "jp2_wrapped_nema":
-        ds = corpus.read(shared(*corpus.NEMA_CR_J2K))
+        ds = corpus.read(corpus.path(corpus.NEMA_CR_J2K))
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         ds.PixelData = encapsulate([_jp2(frame, ds.Rows, ds.Columns)])
         path = corpus.save(ds, folder / f"{name}.dcm")
     elif name.endswith("_pydicom"):
         from pydicom.uid import JPEGLSLossless, RLELossless
 
-        ds = corpus.read(shared(*corpus.RSNA_MONO2))
+        ds = corpus.read(corpus.path(corpus.RSNA_MONO2))
         ds.decompress()
         syntax = JPEGLSLossless if name.startswith("jpeg_ls") else RLELossless
         ds.compress(syntax, encoding_plugin=corpus.encoder_for(syntax))
@@ -89,8 +89,8 @@ def build(name: str, folder):
     else:  # dcmtk, from the RSNA chest as 12-bit uncompressed 160x128 (non-square)
         src = folder / "uncompressed_12bit.dcm"
         if not src.exists():
-            pixels = corpus.real_12bit(shared(*corpus.RSNA_MONO2), shape=(160, 128))
-            corpus.save(corpus.dx_dataset(shared(*corpus.CANINE_DX), pixels, bits_stored=12), src)
+            pixels = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2), shape=(160, 128))
+            corpus.save(corpus.dx_dataset(corpus.path(corpus.CANINE_DX), pixels, bits_stored=12), src)
         tool, args = {
             "jpeg_lossless_sv1_dcmtk": ("dcmcjpeg", ["+e1"]),
             "jpeg_lossless_dcmtk": ("dcmcjpeg", ["+el"]),
@@ -171,7 +171,7 @@ def test_real_codestream_size_matches_header_and_decodes(name, folder):
 
 
 def test_native_pixel_data_is_not_looked_at():
-    ds = corpus.read(shared(*corpus.CANINE_DX))
+    ds = corpus.read(corpus.path(corpus.CANINE_DX))
     assert not ds.file_meta.TransferSyntaxUID.is_encapsulated
     ds.PixelData = b"\xff\xd8\xff\xc0"  # would be a cut JPEG if it were encapsulated
     check_frame_size(ds, DEFAULT_MAX_PIXELS)

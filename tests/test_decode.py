@@ -1,7 +1,7 @@
 """Decoding real chest radiographs (DICOM, PNG, JPEG) to grayscale [0, 1], and refusing the rest.
 
-Every input is a real radiograph from ../shared/data, either as shipped or re-encoded / given an
-edited header in tmp_path by `tests/corpus.py`; tests skip with a reason where ../shared is absent.
+Every input is a real radiograph from samples/, either as shipped or re-encoded / given an
+edited header in tmp_path by `tests/corpus.py`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from cxr_edge.errors import DecodeError
 from cxr_edge.preprocess import PreprocessParams, preprocess
 
 from . import corpus
-from .conftest import SAMPLES, need_tool, shared
+from .conftest import SAMPLES, need_tool
 
 _CACHE: dict = {}
 
 
 def decoded(*parts: str):
-    """decode_file on a real file under ../shared/data, cached for the module (J2K is slow)."""
-    path = shared(*parts)
+    """decode_file on a real file in samples/ (see corpus.path), cached for the module (J2K is slow)."""
+    path = corpus.path(parts)
     if path not in _CACHE:
         _CACHE[path] = decode_file(path)
     return _CACHE[path]
@@ -89,13 +89,14 @@ def _strips(pixels: np.ndarray) -> tuple[float, float, float]:
 def test_real_chest_looks_like_a_chest(parts):
     """Lungs dark, mediastinum/spine bright: catches a missed or doubled MONOCHROME1 inversion."""
     centre, left, right = _strips(decoded(*parts).pixels)
-    # Measured margins are 0.23 (NEMA J2K), 0.35 (RSNA), 0.31 and 0.44 (NIH); inverted is < -0.2.
+    # Measured margins are 0.23 (NEMA J2K), 0.35 (RSNA), 0.31 and 0.27 (NIH); inverted is < -0.2.
     assert centre > left + 0.15 and centre > right + 0.15, (centre, left, right)
     assert left < 0.7 and right < 0.7  # aerated lung is not white
 
 
 def test_rsna_mono1_header_is_the_exact_inverse_of_mono2():
     """Same JPEG bytes, header MONOCHROME1 vs MONOCHROME2: a correct decoder inverts one of them.
+    (The MONOCHROME1 file is the RSNA sample with only that header value changed: tests/corpus.py.)
 
     The foundation issue says the two files "must give the same tensor". That does not hold for
     this data: the pixel data is byte-identical (checked below) and only the header's
@@ -104,7 +105,7 @@ def test_rsna_mono1_header_is_the_exact_inverse_of_mono2():
     PhotometricInterpretation, i.e. would show every real MONOCHROME1 CR (like the NEMA one)
     negative. The mono1_header file is therefore a negative chest: it fails the chest-shape check.
     """
-    m1_path, m2_path = shared(*corpus.RSNA_MONO1_HEADER), shared(*corpus.RSNA_MONO2)
+    m1_path, m2_path = corpus.path(corpus.RSNA_MONO1_HEADER), corpus.path(corpus.RSNA_MONO2)
     assert corpus.read(m1_path).PixelData == corpus.read(m2_path).PixelData
     m1, m2 = decoded(*corpus.RSNA_MONO1_HEADER).pixels, decoded(*corpus.RSNA_MONO2).pixels
     np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6, rtol=0)
@@ -120,7 +121,7 @@ def test_rsna_mono1_header_is_the_exact_inverse_of_mono2():
 
 def test_canine_dx_window_and_inverse_presentation_lut():
     """MONOCHROME1 + PresentationLUTShape INVERSE + window 128/256: inverted exactly once, windowed."""
-    path = shared(*corpus.CANINE_DX)
+    path = corpus.path(corpus.CANINE_DX)
     ds = corpus.read(path)
     assert ds.PresentationLUTShape == "INVERSE" and ds.PhotometricInterpretation == "MONOCHROME1"
     raw = ds.pixel_array.astype(np.float64)
@@ -138,7 +139,7 @@ def test_canine_dx_window_and_inverse_presentation_lut():
 
 def test_window_from_header_is_applied(tmp_path):
     """The canine DX with a narrower window: output follows that window, not the bit range."""
-    src = shared(*corpus.CANINE_DX)
+    src = corpus.path(corpus.CANINE_DX)
     ds = corpus.read(src)
     ds.WindowCenter, ds.WindowWidth = 160, 100
     path = corpus.save(ds, tmp_path / "narrow.dcm")
@@ -151,10 +152,10 @@ def test_window_from_header_is_applied(tmp_path):
 
 @pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
 def test_voi_lut_functions(tmp_path, function):
-    src = shared(*corpus.RSNA_MONO2)
+    src = corpus.path(corpus.RSNA_MONO2)
     v12 = corpus.real_12bit(src)
     c, w = 2000.0, 1500.0
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12,
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12,
                            WindowCenter=c, WindowWidth=w, VOILUTFunction=function)
     image = decode_file(corpus.save(ds, tmp_path / "f.dcm"))
     x = v12.astype(np.float64)
@@ -180,10 +181,10 @@ def _syntaxes():
 @pytest.mark.parametrize("source", ["canine_dx_8bit", "rsna_12bit"])
 def test_lossless_transfer_syntaxes_give_identical_pixels(tmp_path, syntax, source):
     if source == "canine_dx_8bit":
-        original = shared(*corpus.CANINE_DX)
+        original = corpus.path(corpus.CANINE_DX)
     else:  # 12 bits stored in 16 allocated, 128x96 (non-square): exercises the 16-bit codec paths
-        v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
-        original = corpus.save(corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12),
+        v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
+        original = corpus.save(corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12),
                                tmp_path / "orig.dcm")
     reference = decode_file(original)
     path = corpus.reencode(original, tmp_path / "re.dcm", syntax)
@@ -203,8 +204,8 @@ def test_jpeg_lossless_process_14(tmp_path, option, syntax_uid):
     import subprocess
 
     tool = need_tool("dcmcjpeg")
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
-    original = corpus.save(corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12), tmp_path / "o.dcm")
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
+    original = corpus.save(corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12), tmp_path / "o.dcm")
     out = tmp_path / "jll.dcm"
     subprocess.run([tool, option, str(original), str(out)], check=True, capture_output=True)
     assert str(corpus.read(out).file_meta.TransferSyntaxUID) == syntax_uid
@@ -215,9 +216,9 @@ def test_jpeg_lossless_process_14(tmp_path, option, syntax_uid):
 
 def test_bits_stored_scales_by_stored_range(tmp_path):
     """12 bits stored in 16 allocated, no window: 4095 is white (not 65535)."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
     assert v12.max() > 3000  # real data uses the range
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12)
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12)
     image = decode_file(corpus.save(ds, tmp_path / "b12.dcm"))
     assert image.info["voi"] == "bit range" and image.info["bits"] == 12
     np.testing.assert_allclose(image.pixels, v12 / 4095.0, atol=1e-6)
@@ -225,32 +226,32 @@ def test_bits_stored_scales_by_stored_range(tmp_path):
 
 def test_bits_above_high_bit_are_ignored(tmp_path):
     """Bits above HighBit are not part of the pixel value (PS3.5 8.1.1); overlays once lived there."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12 | 0xF000, bits_stored=12)
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12 | 0xF000, bits_stored=12)
     image = decode_file(corpus.save(ds, tmp_path / "junk_high_bits.dcm"))
     np.testing.assert_allclose(image.pixels, v12 / 4095.0, atol=1e-6)
 
 
 def test_bits_stored_monochrome1(tmp_path):
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), 4095 - v12, bits_stored=12, photometric="MONOCHROME1")
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), 4095 - v12, bits_stored=12, photometric="MONOCHROME1")
     image = decode_file(corpus.save(ds, tmp_path / "m1.dcm"))
     np.testing.assert_allclose(image.pixels, v12 / 4095.0, atol=1e-6)
 
 
 def test_modality_lut_rescale_then_bit_range(tmp_path):
     """RescaleSlope/Intercept without a window: the rescaled stored range maps to [0, 1]."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1000)
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1000)
     image = decode_file(corpus.save(ds, tmp_path / "rescale.dcm"))
     np.testing.assert_allclose(image.pixels, v12 / 4095.0, atol=1e-6)
 
 
 def test_modality_lut_then_window(tmp_path):
     """The window is in rescaled (modality) units: it must be applied after RescaleSlope/Intercept."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
     slope, intercept, c, w = 2.0, -1000.0, 3000.0, 4000.0
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12, RescaleSlope=slope,
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12, RescaleSlope=slope,
                            RescaleIntercept=intercept, WindowCenter=c, WindowWidth=w)
     image = decode_file(corpus.save(ds, tmp_path / "rescale_window.dcm"))
     expected = np.clip((v12 * slope + intercept - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
@@ -263,9 +264,9 @@ def test_modality_lut_then_window(tmp_path):
 
 def test_signed_pixels_use_the_signed_stored_range(tmp_path):
     """PixelRepresentation 1, 12 bits stored: -2048 is black and 2047 white."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
     signed = (v12.astype(np.int32) - 2048).astype(np.int16)
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), signed.view(np.uint16), bits_stored=12)
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), signed.view(np.uint16), bits_stored=12)
     ds.PixelRepresentation = 1
     image = decode_file(corpus.save(ds, tmp_path / "signed.dcm"))
     np.testing.assert_allclose(image.pixels, v12 / 4095.0, atol=1e-6)
@@ -273,9 +274,9 @@ def test_signed_pixels_use_the_signed_stored_range(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_window_width_one_is_a_threshold(tmp_path):
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
     c = float(int(np.median(v12))) + 0.5  # the median pixel value equals c - 0.5
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12, WindowCenter=c, WindowWidth=1)
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12, WindowCenter=c, WindowWidth=1)
     image = decode_file(corpus.save(ds, tmp_path / "threshold.dcm"))
     assert np.isfinite(image.pixels).all()
     np.testing.assert_array_equal(image.pixels, (v12 > c - 0.5).astype(np.float32))  # x <= c - 0.5 -> 0
@@ -288,9 +289,9 @@ def _sqrt_lut(bits: int) -> np.ndarray:
 @pytest.mark.parametrize("lut_bits", [16, 12])
 def test_voi_lut_sequence(tmp_path, lut_bits):
     """A VOI LUT Sequence (here a square-root curve over 12-bit input) wins over a window."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
     lut = _sqrt_lut(lut_bits)
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12, WindowCenter=100, WindowWidth=10)
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12, WindowCenter=100, WindowWidth=10)
     ds.VOILUTSequence = [corpus.voi_lut_item(lut, 0, lut_bits)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # pydicom: "VOI LUT on a float input array"
@@ -301,10 +302,10 @@ def test_voi_lut_sequence(tmp_path, lut_bits):
 
 def test_voi_lut_sequence_with_first_mapped_offset(tmp_path):
     """Inputs below the first mapped value take the first entry, above the last take the last."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
     first, n = 1000, 2048
     lut = np.linspace(0, 65535, n).round().astype(np.uint16)
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12)
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12)
     ds.VOILUTSequence = [corpus.voi_lut_item(lut, first, 16)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -315,9 +316,9 @@ def test_voi_lut_sequence_with_first_mapped_offset(tmp_path):
 
 def test_voi_lut_sequence_8bit_entries(tmp_path):
     """LUT Descriptor (4096, 0, 8): 8 bits per entry is explicitly allowed (PS3.3 C.11.2.1.1)."""
-    v12 = corpus.real_12bit(shared(*corpus.RSNA_MONO2))
+    v12 = corpus.real_12bit(corpus.path(corpus.RSNA_MONO2))
     lut = _sqrt_lut(8)
-    ds = corpus.dx_dataset(shared(*corpus.CANINE_DX), v12, bits_stored=12)
+    ds = corpus.dx_dataset(corpus.path(corpus.CANINE_DX), v12, bits_stored=12)
     ds.VOILUTSequence = [corpus.voi_lut_item(lut, 0, 8)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -329,7 +330,7 @@ def test_dicom_without_preamble_decodes(tmp_path):
     """A raw dataset (no 128-byte preamble / DICM) named .dcm is still read."""
     import pydicom
 
-    ds = corpus.read(shared(*corpus.CANINE_DX))
+    ds = corpus.read(corpus.path(corpus.CANINE_DX))
     ds.preamble = None
     path = tmp_path / "nopreamble.dcm"
     pydicom.dcmwrite(path, ds, enforce_file_format=False)
@@ -339,10 +340,10 @@ def test_dicom_without_preamble_decodes(tmp_path):
 
 def test_format_comes_from_content_not_name(tmp_path):
     dcm_as_png = tmp_path / "really_dicom.png"
-    dcm_as_png.write_bytes(shared(*corpus.CANINE_DX).read_bytes())
+    dcm_as_png.write_bytes(corpus.path(corpus.CANINE_DX).read_bytes())
     assert decode_file(dcm_as_png).format == "dicom"
     png_as_dcm = tmp_path / "really_png.dcm"
-    corpus.nih_small(shared(*corpus.NIH_L_1), 64).save(png_as_dcm, "PNG")
+    corpus.nih_small(corpus.path(corpus.NIH_L_1), 64).save(png_as_dcm, "PNG")
     assert decode_file(png_as_dcm).format == "png"
 
 
@@ -351,7 +352,7 @@ def test_format_comes_from_content_not_name(tmp_path):
 
 @pytest.fixture(scope="module")
 def raster_set(tmp_path_factory):
-    gray = corpus.nih_small(shared(*corpus.NIH_L_1), 256)
+    gray = corpus.nih_small(corpus.path(corpus.NIH_L_1), 256)
     return np.asarray(gray, dtype=np.float32) / 255.0, corpus.raster_variants(gray, tmp_path_factory.mktemp("raster"))
 
 
@@ -385,7 +386,7 @@ def test_sixteen_bit_png_keeps_precision(tmp_path):
     """Values between 8-bit steps survive: a 16-bit PNG is not squeezed through 8 bits."""
     from PIL import Image
 
-    gray = np.asarray(corpus.nih_small(shared(*corpus.NIH_L_1), 64), dtype=np.uint16)
+    gray = np.asarray(corpus.nih_small(corpus.path(corpus.NIH_L_1), 64), dtype=np.uint16)
     v16 = gray * 257 + 100  # off the 257 grid
     Image.fromarray(v16).save(tmp_path / "v16.png")
     image = decode_file(tmp_path / "v16.png")
@@ -396,7 +397,7 @@ def test_rgb_uses_luma(tmp_path):
     """A tinted real image: RGB -> L uses ITU-R 601 luma, not one channel."""
     from PIL import Image
 
-    gray = np.asarray(corpus.nih_small(shared(*corpus.NIH_L_1), 64), dtype=np.float64)
+    gray = np.asarray(corpus.nih_small(corpus.path(corpus.NIH_L_1), 64), dtype=np.float64)
     rgb = np.stack([gray, gray * 0.5, gray * 0.25], axis=-1).round().astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "tinted.png")
     image = decode_file(tmp_path / "tinted.png")
@@ -410,7 +411,7 @@ def test_real_rgba_nih_file():
     assert image.pixels.shape == (1024, 1024) and image.pixels.dtype == np.float32
     from PIL import Image
 
-    with Image.open(shared(*corpus.NIH_RGBA)) as im:
+    with Image.open(corpus.path(corpus.NIH_RGBA)) as im:
         red = np.asarray(im)[..., 0]
     np.testing.assert_allclose(image.pixels, red / 255.0, atol=1e-6)  # R = G = B, alpha opaque
 
@@ -467,14 +468,14 @@ def test_refuses_sr_written_by_pydicom(tmp_path):
 
 
 def test_refuses_multiframe(tmp_path):
-    ds = corpus.read(shared(*corpus.CANINE_DX))
+    ds = corpus.read(corpus.path(corpus.CANINE_DX))
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2
     assert "multi-frame image (2 frames)" in refusal(corpus.save(ds, tmp_path / "mf.dcm"))
 
 
 def test_refuses_colour(tmp_path):
-    ds = corpus.read(shared(*corpus.CANINE_DX))
+    ds = corpus.read(corpus.path(corpus.CANINE_DX))
     gray = ds.pixel_array
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.PixelData = np.repeat(gray[..., None], 3, axis=-1).tobytes()
@@ -485,7 +486,7 @@ def test_refuses_dicom_decompression_bomb_before_decoding(tmp_path, monkeypatch)
     """Rows = Columns = 60000 in a real header: refused from the header, pixels never decoded."""
     from pydicom.dataset import Dataset
 
-    ds = corpus.read(shared(*corpus.CANINE_DX))
+    ds = corpus.read(corpus.path(corpus.CANINE_DX))
     ds.Rows = ds.Columns = 60000
     path = corpus.save(ds, tmp_path / "bomb.dcm")
 
@@ -496,12 +497,12 @@ def test_refuses_dicom_decompression_bomb_before_decoding(tmp_path, monkeypatch)
     reason = refusal(path)
     assert "60000x60000 = 3600000000 pixels, above the limit" in reason
     # and the limit is the caller's: a small real image above a small max_pixels
-    assert "above the limit of 1000" in refusal(shared(*corpus.CANINE_DX), max_pixels=1000)
+    assert "above the limit of 1000" in refusal(corpus.path(corpus.CANINE_DX), max_pixels=1000)
 
 
 def test_refuses_png_above_max_pixels(tmp_path):
     path = tmp_path / "small.png"
-    corpus.nih_small(shared(*corpus.NIH_L_1), 256).save(path)
+    corpus.nih_small(corpus.path(corpus.NIH_L_1), 256).save(path)
     assert "256x256 = 65536 pixels, above the limit of 65535" in refusal(path, max_pixels=65535)
     assert decode_file(path, max_pixels=65536).pixels.shape == (256, 256)
 
@@ -515,21 +516,21 @@ def test_refuses_png_header_bomb(tmp_path):
 
 def test_refuses_truncated_png(tmp_path):
     full = tmp_path / "full.png"
-    corpus.nih_small(shared(*corpus.NIH_L_1), 256).save(full)
+    corpus.nih_small(corpus.path(corpus.NIH_L_1), 256).save(full)
     half = corpus.cut(full, tmp_path / "half.png", full.stat().st_size // 2)
     assert "corrupt or truncated PNG" in refusal(half)
 
 
 def test_refuses_truncated_jpeg(tmp_path):
     full = tmp_path / "full.jpg"
-    corpus.nih_small(shared(*corpus.NIH_L_1), 256).save(full, "JPEG", quality=90)
+    corpus.nih_small(corpus.path(corpus.NIH_L_1), 256).save(full, "JPEG", quality=90)
     half = corpus.cut(full, tmp_path / "half.jpg", full.stat().st_size // 2)
     assert "corrupt or truncated JPEG" in refusal(half)
 
 
 @pytest.mark.parametrize("parts", [corpus.RSNA_MONO2, corpus.NEMA_CR_J2K, corpus.CANINE_DX], ids=lambda p: p[-1])
 def test_refuses_dicom_cut_in_half(tmp_path, parts):
-    src = shared(*parts)
+    src = corpus.path(parts)
     half = corpus.cut(src, tmp_path / "half.dcm", src.stat().st_size // 2)
     reason = refusal(half)
     # encapsulated (JPEG / J2K): pydicom hits EOF in the fragments; native: fewer bytes than
@@ -539,7 +540,7 @@ def test_refuses_dicom_cut_in_half(tmp_path, parts):
 
 @pytest.mark.parametrize("where", ["Rows", "PixelData"])
 def test_refuses_dicom_cut_in_header(tmp_path, where):
-    src = shared(*corpus.CANINE_DX)
+    src = corpus.path(corpus.CANINE_DX)
     path = corpus.cut(src, tmp_path / "cut.dcm", corpus.element_offset(src, where) + 2)
     reason = refusal(path)
     assert "truncated" in reason, reason
@@ -547,7 +548,7 @@ def test_refuses_dicom_cut_in_header(tmp_path, where):
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_refuses_dicom_cut_inside_sop_class_uid(tmp_path):
-    src = shared(*corpus.CANINE_DX)
+    src = corpus.path(corpus.CANINE_DX)
     path = corpus.cut(src, tmp_path / "cut.dcm", corpus.element_offset(src, "SOPClassUID") + 12)
     assert "truncated" in refusal(path)
 

@@ -16,7 +16,7 @@ from cxr_edge.backends.stamp import MachineFacts, machine_facts, stamp_problem
 from cxr_edge.errors import CxrEdgeError, ModelPackageError
 from cxr_edge.manifest import DEFAULT_PACKAGE, ModelPackage
 
-from .conftest import SAMPLES, shared
+from .conftest import NIH_TINY64, SAMPLES
 
 onnx = pytest.importorskip("onnx", reason="build-engine needs the engines extra (onnx)")
 pytest.importorskip("polygraphy", reason="build-engine needs the engines extra (polygraphy)")
@@ -50,7 +50,7 @@ BUILD = ["--calib", None, "--calib-count", 48, "--holdout-count", 60, "--calib-m
 
 def build_args(package, *extra):
     args = list(BUILD)
-    args[1] = shared("nih", "labels.csv")
+    args[1] = NIH_TINY64 / "labels.csv"
     return ["build-engine", "--model", package, *args, *extra]
 
 

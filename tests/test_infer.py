@@ -132,7 +132,8 @@ def test_tampered_model_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_shared_data_end_to_end_with_valid_srs(tmp_path):
-    nih, dicom = shared("nih"), shared("dicom")
+    why = "all 250 full-size NIH images and the 4 DICOMs of the shared set, end to end, every SR validated"
+    nih, dicom = shared("nih", why=why), shared("dicom", why=why)
     dciodvfy, dsrdump = need_tool("dciodvfy"), need_tool("dsrdump")
     out = tmp_path / "out"
     run_cli("infer", str(nih), str(dicom), "--out", str(out), check_rc=0)

@@ -26,8 +26,8 @@ def test_srs_arrive_in_orthanc_in_the_source_study(tmp_path):
     dicoms = sorted((SAMPLES / "dicom").glob("*.dcm"))
     proc = subprocess.run(["unshare", "--net", sys.executable, str(REPO / "tests" / "pacs_roundtrip.py"), str(tmp_path),
                            *map(str, dicoms)], capture_output=True, text=True, timeout=600, cwd=REPO)
-    logs = "".join((tmp_path / name).read_text()[-2000:] for name in ("daemon.log", "orthanc.log")
-                   if (tmp_path / name).exists())
+    logs = "".join(p.read_text()[-2000:] for p in [*sorted(tmp_path.glob("daemon-*.log")), tmp_path / "orthanc.log"]
+                   if p.exists())
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["srs_in_orthanc"] == len(dicoms)

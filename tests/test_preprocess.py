@@ -1,7 +1,7 @@
 """The preprocessing contract (cxr-preprocess v1): parameters, geometry, normalisation, goldens.
 
 The golden file tests/golden/preprocess_v1.json pins what v1 produces on the real chest files in
-../shared/data. A change to those numbers is a change of the contract: bump CONTRACT_VERSION
+samples/ (tests/corpus.py). A change to those numbers is a change of the contract: bump CONTRACT_VERSION
 (and name the golden file after it) instead of regenerating v1, or every model trained on v1
 silently gets different inputs. Regenerate (only for a new version, or after adding a file):
 
@@ -22,7 +22,6 @@ from cxr_edge.decode import decode_file
 from cxr_edge.preprocess import CONTRACT_NAME, CONTRACT_VERSION, PreprocessParams, preprocess
 
 from . import corpus
-from .conftest import shared
 
 GOLDEN = Path(__file__).parent / "golden" / f"preprocess_v{CONTRACT_VERSION}.json"
 GOLDEN_PARAMS = PreprocessParams(size=112, resize="pad", mean=0.5, std=0.25, channels=1)
@@ -124,7 +123,7 @@ def test_orientation_is_preserved_on_a_real_chest():
     """No transpose or flip: the preprocessed image correlates with the input, not its mirror."""
     import cv2
 
-    image = decode_file(shared(*corpus.CANINE_DX)).pixels  # 169x211, not symmetric
+    image = decode_file(corpus.path(corpus.CANINE_DX)).pixels  # 169x211, not symmetric
     out = preprocess(image, PreprocessParams(size=64, resize="stretch", **P))[0]
     ref = (cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA) - 0.5) / 0.25
 
@@ -206,10 +205,10 @@ def regenerate_golden() -> dict:
     """Writes tests/golden/preprocess_v{CONTRACT_VERSION}.json from the real files."""
     entries = {}
     for parts in GOLDEN_FILES:
-        path = shared(*parts)
+        path = corpus.path(parts)
         entries[_key(parts)] = _summary(preprocess(decode_file(path).pixels, GOLDEN_PARAMS))
     golden = {
-        "about": ("cxr-preprocess contract pinned on real files in ../shared/data: tensor mean, std "
+        "about": ("cxr-preprocess contract pinned on real files in samples/ (tests/corpus.py): tensor mean, std "
                   f"and a {GRID}x{GRID} area-downsampled grid, rounded to 4 decimals. A change here is "
                   "a contract version bump, not a regeneration."),
         "params": GOLDEN_PARAMS.to_manifest(),
@@ -238,7 +237,7 @@ def test_golden_params_are_the_pinned_ones(golden):
 
 @pytest.mark.parametrize("parts", GOLDEN_FILES, ids=lambda p: p[-1])
 def test_golden_preprocess_on_real_files(golden, parts):
-    tensor = preprocess(decode_file(shared(*parts)).pixels, GOLDEN_PARAMS)
+    tensor = preprocess(decode_file(corpus.path(parts)).pixels, GOLDEN_PARAMS)
     assert tensor.shape == (1, 112, 112) and tensor.dtype == np.float32
     got, want = _summary(tensor), golden["files"][_key(parts)]
     assert got["mean"] == pytest.approx(want["mean"], abs=TOLERANCE)

@@ -1,6 +1,6 @@
 """SRs from source headers as foreign sites and old archives write them.
 
-Sources are the shared real radiographs with their headers edited by pydicom: text re-encoded
+Sources are the real radiographs in samples/ with their headers edited by pydicom: text re-encoded
 in every legal Specific Character Set (pydicom encodes the str values on write, ISO 2022 escape
 sequences included), malformed values (dates with dashes, 80-character names, ...) and invalid
 UIDs. Each SR is written, then checked with dciodvfy (no more errors than the source itself),
@@ -32,7 +32,7 @@ from cxr_edge.outputs import dicom_bytes
 from cxr_edge.sr import ModelIdentity, build_sr, build_sr_reference, read_sr_findings
 from cxr_edge.sr_source import UTF8, SRSourceError, validated_source_header
 
-from .conftest import need_tool, shared
+from .conftest import SAMPLES, need_tool
 
 MODEL = ModelIdentity(name="cxr-densenet121", version="1.0.0", sha256="0123abcd" * 8)
 RSNA = "rsna_cr_pa_jpeg_baseline_mono2.dcm"
@@ -53,7 +53,7 @@ def _derive(tmp_path: Path, base: str, charset=None, name: str = "source.dcm", *
     """The real file `base` with `values` set (str: pydicom encodes them in `charset` on
     write; None: element removed) and `raw` ones written as the bytes given, saved to
     tmp_path and returned as a path."""
-    ds = pydicom.dcmread(shared("dicom", base))
+    ds = pydicom.dcmread(SAMPLES / "dicom" / base)
     path = tmp_path / name
     with config.disable_value_validation():  # malformed values on purpose
         if charset is not None:
@@ -307,7 +307,7 @@ UID_NAMES = {
 @pytest.mark.parametrize("bad", BAD_UIDS, ids=["letters", "leading-zero", "70-chars", "empty-component"])
 @pytest.mark.parametrize("keyword", list(UID_NAMES))
 def test_invalid_uid_is_refused_by_name(keyword, bad):
-    source = pydicom.dcmread(shared("dicom", RSNA), stop_before_pixels=True)
+    source = pydicom.dcmread(SAMPLES / "dicom" / RSNA, stop_before_pixels=True)
     with config.disable_value_validation():
         setattr(source, keyword, bad)
     with pytest.raises(SRSourceError) as caught:
@@ -319,7 +319,7 @@ def test_invalid_uid_is_refused_by_name(keyword, bad):
 
 @pytest.mark.parametrize("keyword", list(UID_NAMES))
 def test_missing_uid_is_refused_by_name(keyword):
-    source = pydicom.dcmread(shared("dicom", RSNA), stop_before_pixels=True)
+    source = pydicom.dcmread(SAMPLES / "dicom" / RSNA, stop_before_pixels=True)
     delattr(source, keyword)
     with pytest.raises(SRSourceError, match=UID_NAMES[keyword].replace("(", r"\(").replace(")", r"\)")):
         build_sr(source, _findings(), MODEL)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from .conftest import SAMPLES, shared
+from .conftest import NIH_TINY64, SAMPLES
 
 torch = pytest.importorskip("torch", reason="needs the train extra (torch + timm)")
 pytest.importorskip("timm", reason="needs the train extra (torch + timm)")
@@ -50,7 +50,7 @@ def test_patient_split_keeps_each_patient_in_one_split(tmp_path):
 
 
 def test_patient_split_on_real_nih_csv():
-    records = read_nih_csv(shared("nih_tiny64", "labels.csv"))
+    records = read_nih_csv(NIH_TINY64 / "labels.csv")
     assert len({r.patient_id for r in records}) < len(records)  # some patients have several images
     splits = patient_split(records, seed=0)
     seen = {}
@@ -231,7 +231,7 @@ TINY = ["--img-size", "32", *LOOP]
 @pytest.mark.slow
 def test_whole_chain_finetune_calibrate_distill_evaluate_export_infer(tmp_path):
     """Issue 3's chain on real 64x64 NIH images; the exported student runs under `cxr-edge infer`."""
-    data = shared("nih_tiny64", "labels.csv")
+    data = NIH_TINY64 / "labels.csv"
     teacher, student, package = tmp_path / "teacher", tmp_path / "student", tmp_path / "pkg"
     _ok(_train("finetune", "--data", data, "--out", teacher, "--arch", "vit_small_patch16_224", "--epochs", 2,
                "--lr", 3e-4, *TINY))
@@ -300,7 +300,7 @@ def test_whole_chain_finetune_calibrate_distill_evaluate_export_infer(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    data = shared("nih_tiny64", "labels.csv")
+    data = NIH_TINY64 / "labels.csv"
     args = ["finetune", "--data", data, "--arch", "vit_tiny_patch16_224", "--epochs", 3, "--patience", 5, *TINY]
     _ok(_train(*args, "--out", tmp_path / "whole"))
 
@@ -337,7 +337,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """DistributedDataParallel under torchrun (gloo on CPU): the multi-GPU path, minus the GPUs."""
-    data = shared("nih_tiny64", "labels.csv")
+    data = NIH_TINY64 / "labels.csv"
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "train", "finetune", "--data", str(data), "--out", str(out), "--arch",
