@@ -19,7 +19,7 @@ from .conftest import NIH_TINY64, SAMPLES
 torch = pytest.importorskip("torch", reason="needs the train extra (torch + timm)")
 pytest.importorskip("timm", reason="needs the train extra (torch + timm)")
 
-from train.data import SplitSpec, patient_split, read_nih_csv  # noqa: E402
+from cxr_edge.train.data import SplitSpec, patient_split, read_nih_csv  # noqa: E402
 
 
 def write_nih_csv(path, rows):
@@ -94,7 +94,7 @@ def test_official_lists_split_and_refuse_a_leaking_list(tmp_path):
 
 
 def test_losses():
-    from train.losses import FocalLoss, make_loss, weighted_sample_weights
+    from cxr_edge.train.losses import FocalLoss, make_loss, weighted_sample_weights
 
     logits = torch.tensor([[2.0, -1.0, 0.3], [-0.5, 0.2, -3.0]])
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
@@ -124,7 +124,7 @@ def _schedule(scheduler, optimizer, steps):
 def test_lr_schedule_warmup_then_cosine_with_layer_scale_and_checkpointable():
     import io
 
-    from train.loop import make_scheduler
+    from cxr_edge.train.loop import make_scheduler
 
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW([{"params": [model.weight], "lr_scale": 0.5}, {"params": [model.bias]}], lr=1e-3)
@@ -158,7 +158,7 @@ def crashing_prepare(item, *args):
 def _small_nih_set(tmp_path, n=10):
     """`n` real NIH images (64x64) with their labels, plus one that crashes the decoder and one
     truncated PNG: a CSV of n + 2 rows."""
-    source = shared("nih_tiny64", "labels.csv")
+    source = NIH_TINY64 / "labels.csv"
     with open(source, newline="") as f:
         rows = list(csv.DictReader(f))[:n]
     images = tmp_path / "images"
@@ -181,14 +181,14 @@ def test_tensor_cache_leaves_out_crashing_and_broken_images_by_name(tmp_path, mo
     import cxr_edge.workers as workers_module
     from cxr_edge.decode import decode_file
     from cxr_edge.preprocess import PreprocessParams, preprocess
-    from train.data import labels_of
-    from train.dataset import XrayDataset, make_dataset
+    from cxr_edge.train.data import labels_of
+    from cxr_edge.train.dataset import XrayDataset, make_dataset
 
     records = _small_nih_set(tmp_path)
     params = PreprocessParams(size=32, channels=1)
     _real_prepare = workers_module.prepare
     monkeypatch.setattr(workers_module, "prepare", crashing_prepare)  # the pool forks: workers run it
-    with caplog.at_level("ERROR", logger="train.dataset"):
+    with caplog.at_level("ERROR", logger="cxr_edge.train.dataset"):
         dataset = make_dataset(records, params, str(tmp_path / "cache"), workers=2)
     good = [r for r in records if r.path.name not in ("crash.png", "broken.png")]
     assert [r.path for r in dataset.records] == [r.path for r in good]
@@ -215,7 +215,7 @@ def test_tensor_cache_leaves_out_crashing_and_broken_images_by_name(tmp_path, mo
 
 
 def _train(*args, timeout=600, **kwargs):
-    return subprocess.run([sys.executable, "-m", "train", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cxr_edge.train", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
 
 
@@ -284,7 +284,7 @@ def test_whole_chain_finetune_calibrate_distill_evaluate_export_infer(tmp_path):
     from cxr_edge.findings import calibrated_probabilities
     from cxr_edge.manifest import ModelPackage
     from cxr_edge.preprocess import preprocess
-    from train.model import load_run_model
+    from cxr_edge.train.model import load_run_model
 
     pkg = ModelPackage.load(package)
     model, _, params = load_run_model(student)
@@ -305,7 +305,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     _ok(_train(*args, "--out", tmp_path / "whole"))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_edge.train", *map(str, args), "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -340,7 +340,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     data = NIH_TINY64 / "labels.csv"
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "train", "finetune", "--data", str(data), "--out", str(out), "--arch",
+                           "-m", "cxr_edge.train", "finetune", "--data", str(data), "--out", str(out), "--arch",
                            "vit_tiny_patch16_224", "--epochs", "2", "--threads", "1", *TINY],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -352,11 +352,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_export_over_an_existing_package_leaves_a_whole_package(tmp_path, monkeypatch):
     """A failed export leaves the package that was there untouched; a good one replaces it whole."""
-    import train.export as export_module
+    import cxr_edge.train.export as export_module
     from cxr_edge.manifest import ModelPackage
 
     run, package = tmp_path / "run", tmp_path / "pkg"
-    _ok(_train("finetune", "--data", shared("nih_tiny64", "labels.csv"), "--out", run, "--arch", "vit_tiny_patch16_224",
+    _ok(_train("finetune", "--data", NIH_TINY64 / "labels.csv", "--out", run, "--arch", "vit_tiny_patch16_224",
                "--epochs", 1, *TINY))
     assert "scheduler" in torch.load(run / "checkpoint.pt", weights_only=True)  # resumable schedule
     _ok(_train("calibrate", run))

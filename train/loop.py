@@ -77,7 +77,7 @@ def setup_distributed() -> Distributed:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # one set of progress logs, from rank 0
-        logging.getLogger("train").setLevel(logging.WARNING)
+        logging.getLogger(__package__).setLevel(logging.WARNING)  # train, or cxr_edge.train installed
     return Distributed(rank, world, device)
 
 
