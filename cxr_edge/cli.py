@@ -57,13 +57,13 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     without their SR, 2 usage or configuration error.
     """
     from . import infer_run
+    from .pipeline import RunSettings
     from .atomic import strict_json
     from .console import print_summary, progress
     from .errors import CxrEdgeError
 
     out = Path(out_dir)
-    settings = infer_run.InferSettings(model_dir, backend, precision, batch_size, max_delay_ms, workers, threads,
-                                       not no_sr, min_side)
+    settings = RunSettings(model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, not no_sr, min_side)
     try:
         items, skipped, package, selection = infer_run.plan(list(inputs), out, settings)
         with progress(len(items)) as on_result:
@@ -228,6 +228,7 @@ def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, 
     from .daemon.dicom_net import AllowedCaller, Peer
     from .daemon.service import Daemon, DaemonConfig
     from .errors import CxrEdgeError
+    from .pipeline import RunSettings
 
     out = Path(out_dir)
     try:
@@ -240,12 +241,10 @@ def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, 
     except ValueError as exc:
         raise UsageFailure(f"--allow {exc}") from None
     cfg = DaemonConfig(inbox=Path(inbox), out=out, state_dir=Path(state_dir) if state_dir else out / ".cxr-edge",
-                       model=model_dir, backend=backend, precision=precision, max_batch=batch_size,
-                       max_delay_ms=max_delay_ms, workers=workers, threads=threads, settle=settle,
-                       max_attempts=max_attempts, disposition=disposition,
-                       processed_dir=Path(processed_dir) if processed_dir else None, write_sr=not no_sr,
-                       min_side=min_side,
-                       listen=listen_peer, allowed_callers=allowed_callers, send_to=send_peer, calling_ae=calling_ae,
+                       run=RunSettings(model_dir, backend, precision, batch_size, max_delay_ms, workers, threads,
+                                       not no_sr, min_side),
+                       settle=settle, max_attempts=max_attempts, disposition=disposition,
+                       processed_dir=Path(processed_dir) if processed_dir else None, listen=listen_peer, allowed_callers=allowed_callers, send_to=send_peer, calling_ae=calling_ae,
                        metrics_port=metrics_port)
     try:
         code = Daemon(cfg).run()

@@ -9,21 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CxrEdgeError, ModelPackageError
+from .pipeline import RunSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferSettings:
-    model_dir: str | None = None
-    backend: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 8
-    max_delay_ms: float = 20.0
-    workers: int | None = None
-    threads: int | None = None
-    write_sr: bool = True
-    min_side: int | None = None
 
 
 @dataclass
@@ -63,7 +51,7 @@ class InferRun:
         }
 
 
-def plan(inputs: list[str], out: Path, settings: InferSettings):
+def plan(inputs: list[str], out: Path, settings: RunSettings):
     """(items, skipped, package, selection), or CxrEdgeError for a usage or configuration problem."""
     from .backends import select_backend
     from .manifest import ModelPackage
@@ -83,7 +71,7 @@ def plan(inputs: list[str], out: Path, settings: InferSettings):
     return items, skipped, package, selection
 
 
-def run(items, skipped, package, selection, out: Path, settings: InferSettings, on_result=None) -> InferRun:
+def run(items, skipped, package, selection, out: Path, settings: RunSettings, on_result=None) -> InferRun:
     """Process every item once; `on_result(result)` as each finishes (a progress display)."""
     from .atomic import atomic_write, strict_json
     from .backends import create_backend

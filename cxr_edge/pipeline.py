@@ -28,6 +28,21 @@ from .workers import WorkerPool, default_workers
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How `infer` and `watch` run the pipeline: which model and artifact, how it batches, what it writes."""
+
+    model_dir: str | None = None  # None: the bundled package
+    backend: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 8
+    max_delay_ms: float = 20.0
+    workers: int | None = None  # decode processes (None: the CPU cores)
+    threads: int | None = None  # inference threads (None: the CPU cores)
+    write_sr: bool = True
+    min_side: int | None = None  # None: limits.MIN_SIDE
+
+
 class Status(StrEnum):
     OK = "ok"
     ERROR = "error"

@@ -216,3 +216,21 @@ def element_offset(path: Path, keyword: str) -> int:
     # sanity: pydicom agrees the element is there
     assert keyword in pydicom.dcmread(path, stop_before_pixels=True) or keyword == "PixelData"
     return offset
+
+
+def minimal_dicom(path: Path, sop_class_uid: str, modality: str, **attributes) -> Path:
+    """A DICOM file with no pixels: the SOP class, a fresh instance UID, the modality and
+    `attributes`, written with its file meta (a non-image object the decoder must refuse)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -125,19 +125,9 @@ def _frames_not_a_number(path: Path) -> Path:
 
 
 def _pdf(path: Path) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Modality = "DOC"
-    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return corpus.minimal_dicom(path, "1.2.840.10008.5.1.4.1.1.104.1", "DOC",  # Encapsulated PDF
+                                MIMETypeOfEncapsulatedDocument="application/pdf",
+                                EncapsulatedDocument=b"%PDF-1.4\n%%EOF\n")
 
 
 def _lying_jpeg(path: Path) -> Path:

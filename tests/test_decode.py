@@ -452,18 +452,7 @@ def test_refuses_non_radiograph_dicom(name, phrase):
 
 def test_refuses_sr_written_by_pydicom(tmp_path):
     """A minimal Basic Text SR (no pixels) built here, independent of pydicom's bundled files."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Modality = "SR"
-    ds.ValueType = "CONTAINER"
-    path = tmp_path / "sr.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    path = corpus.minimal_dicom(tmp_path / "sr.dcm", "1.2.840.10008.5.1.4.1.1.88.11", "SR", ValueType="CONTAINER")
     assert "no pixel data: the object is Basic Text SR Storage, not an image" in refusal(path)
 
 

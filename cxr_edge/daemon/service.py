@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from ..errors import PERMANENT, UNEXPECTED, CxrEdgeError, ModelPackageError
-from ..limits import MIN_SIDE
 from ..outputs import output_stem
+from ..pipeline import RunSettings
 from ..records import FindingsRecord
 from ..sources import InputItem
 from .dicom_net import Peer, remove_receiving_temp_files
@@ -44,20 +44,12 @@ class DaemonConfig:
     inbox: Path
     out: Path
     state_dir: Path
-    model: str | None = None
-    backend: str = "auto"
-    precision: str = "fp32"
-    max_batch: int = 8
-    max_delay_ms: float = 20.0
-    workers: int | None = None
-    threads: int | None = None
+    run: RunSettings = field(default_factory=RunSettings)  # the model, how it batches, what it writes
     settle: float = 2.0  # seconds a non-renamed file must stay unchanged
     max_attempts: int = 5  # for unexpected failures; permanent ones fail at once, transient ones wait
     young_seconds: float = 120.0  # an "incomplete" file younger than this may still be arriving: retry
     disposition: str = "leave"
     processed_dir: Path | None = None
-    write_sr: bool = True
-    min_side: int = MIN_SIDE
     listen: Peer | None = None
     allowed_callers: list = field(default_factory=list)
     send_to: Peer | None = None
@@ -214,7 +206,7 @@ class Daemon:
     def _load_package(self):
         from ..manifest import ModelPackage
 
-        return ModelPackage.load(self.cfg.model)
+        return ModelPackage.load(self.cfg.run.model_dir)
 
     def _build(self, package):
         """Decode pool + warmed-up backend + pipeline for `package`; nothing half-built is left
@@ -227,24 +219,24 @@ class Daemon:
         from ..workers import WorkerPool, default_workers
 
         cfg = self.cfg
-        workers = cfg.workers or default_workers()
-        selection = select_backend(package, cfg.backend, cfg.precision)
-        if cfg.write_sr:  # the first study's SR must not wait for a template every worker would build
+        workers = cfg.run.workers or default_workers()
+        selection = select_backend(package, cfg.run.backend, cfg.run.precision)
+        if cfg.run.write_sr:  # the first study's SR must not wait for a template every worker would build
             try:
                 SRSink(package.describe(package.artifact(selection.artifact).sha256)).warm(package.labels)
             except Exception as exc:  # each SR then falls back to highdicom's constructor
                 log.warning("cannot prepare the SR template (%s); SRs will be built the slow way", type(exc).__name__)
         # Decode workers are forked before the backend starts its threads.
-        pool = WorkerPool(workers, package.preprocess_params, min_side=cfg.min_side, confine=cfg.inbox)
+        pool = WorkerPool(workers, package.preprocess_params, min_side=cfg.run.min_side, confine=cfg.inbox)
         runner = None
         try:
             runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
-                                    threads=cfg.threads)
+                                    threads=cfg.run.threads)
             runner.activate()
             p = package.preprocess_params
             runner.infer(np.zeros((1, p.channels, p.size, p.size), np.float32))  # warm-up before the first study
-            pipeline = Pipeline(package, runner, cfg.out, workers=workers, max_batch=cfg.max_batch,
-                                max_delay_ms=cfg.max_delay_ms, write_sr=cfg.write_sr, log_names=False)
+            pipeline = Pipeline(package, runner, cfg.out, workers=workers, max_batch=cfg.run.batch_size,
+                                max_delay_ms=cfg.run.max_delay_ms, write_sr=cfg.run.write_sr, log_names=False)
         except BaseException as exc:
             pool.close()
             if runner is not None:
