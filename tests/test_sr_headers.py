@@ -3,7 +3,7 @@
 Sources are the real radiographs in samples/ with their headers edited by pydicom: text re-encoded
 in every legal Specific Character Set (pydicom encodes the str values on write, ISO 2022 escape
 sequences included), malformed values (dates with dashes, 80-character names, ...) and invalid
-UIDs. Each SR is written, then checked with dciodvfy (no more errors than the source itself),
+UIDs. Each SR is written, then checked with dciodvfy (no error, whatever the source's),
 dsrdump (no complaint) and highdicom (same probabilities), and its names/IDs read back.
 """
 
@@ -88,13 +88,12 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 def _check_sr(source_path: Path, sr: Dataset, findings: list[Finding], tmp_path: Path) -> Dataset:
-    """(a) dciodvfy: no more errors than the source; (b) dsrdump: exit 0, no complaint;
+    """(a) dciodvfy: no error at all (whatever the source's); (b) dsrdump: exit 0, no complaint;
     (c) highdicom reads back the same probabilities. Returns the SR as read back."""
     sr_path = tmp_path / "sr.dcm"
     sr_path.write_bytes(dicom_bytes(sr))
-    source_errors, sr_errors = _dciodvfy_errors(source_path), _dciodvfy_errors(sr_path)
-    assert len(sr_errors) <= len(source_errors), "\n".join(sr_errors)
-    assert sr_errors == [], "\n".join(sr_errors)  # in fact none at all
+    sr_errors = _dciodvfy_errors(sr_path)
+    assert sr_errors == [], "\n".join(sr_errors)
     run = subprocess.run([need_tool("dsrdump"), str(sr_path)], capture_output=True,
                          encoding="utf-8", errors="replace")
     assert run.returncode == 0, run.stderr
