@@ -383,9 +383,9 @@ def _check_artifacts(fail, artifacts) -> None:
     for key, entry in artifacts.items():
         if not isinstance(entry, dict):
             fail(f"artifact {key!r} must be an object, not {_short(entry)}")
-        for field in ("file", "sha256"):
-            if field not in entry:
-                fail(f"artifact {key!r} has no {field!r}")
+        for required in ("file", "sha256"):
+            if required not in entry:
+                fail(f"artifact {key!r} has no {required!r}")
         file = entry["file"]
         if not isinstance(file, str) or not file.strip() or "\0" in file:
             fail(f"artifact {key!r}: file must be a file name, not {_short(file)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path, PurePath
+from pathlib import PurePath
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
