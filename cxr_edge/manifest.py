@@ -399,9 +399,9 @@ def _check_artifacts(fail, artifacts) -> None:
             fail(f"artifact {key!r}: precision must be a string, not {_short(entry.get('precision'))}")
         if "cpu_ms_per_image" in entry and _finite(entry["cpu_ms_per_image"]) is None:
             fail(f"artifact {key!r}: cpu_ms_per_image must be a finite number")
-        for field in ("stamp", "profile"):
-            if field in entry and not isinstance(entry[field], dict):
-                fail(f"artifact {key!r}: {field} must be an object, not {_short(entry[field])}")
+        for section in ("stamp", "profile"):
+            if section in entry and not isinstance(entry[section], dict):
+                fail(f"artifact {key!r}: {section} must be an object, not {_short(entry[section])}")
         max_batch = entry.get("profile", {}).get("max_batch", 1)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             fail(f"artifact {key!r}: profile.max_batch must be a whole number >= 1, not {_short(max_batch)}")
