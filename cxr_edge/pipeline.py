@@ -207,7 +207,12 @@ class Pipeline:
             if not sink.accepts(inference):
                 continue
             try:
-                output = sink.write(inference, self._work_of(sink, started))
+                try:
+                    output = sink.write(inference, self._work_of(sink, started))
+                except SinkFailure:
+                    raise
+                except Exception as exc:  # a sink's bug costs its output, never the findings or the run
+                    raise SinkFailure(f"cannot make the {sink.name} output ({type(exc).__name__})") from exc
             except SinkFailure as failure:
                 if failure.kind != PERMANENT:
                     _remove(written)
