@@ -21,7 +21,7 @@ import numpy as np
 from .errors import PERMANENT, UNEXPECTED, os_error_kind
 from .prepare import Prepared
 from .records import FindingsRecord, StageError, error_record, findings_record
-from .sinks import Inference, RecordWriter, Sink, SinkFailure, SRSink, failure_of
+from .sinks import Inference, RecordWriter, Sink, SRSink
 from .sources import InputItem
 from .workers import WorkerPool, default_workers
 
@@ -207,20 +207,16 @@ class Pipeline:
             if not sink.accepts(inference):
                 continue
             try:
-                try:
-                    output = sink.write(inference, self._work_of(sink, started))
-                except SinkFailure:
-                    raise
-                except Exception as exc:  # a sink's bug costs its output, never the findings or the run
-                    raise SinkFailure(f"cannot make the {sink.name} output ({type(exc).__name__})") from exc
-            except SinkFailure as failure:
+                output = sink.write(inference, self._work_of(sink, started))
+            except Exception as exc:  # its own failure, or a bug: costs its output, never the findings or the run
+                failure = sink.failure(exc)
                 if failure.kind != PERMANENT:
                     _remove(written)
                     return self._error(prepared, "write", failure.reason, failure.kind)
                 record.output_errors[sink.name] = StageError(sink.name, failure.reason)
                 if self.log_names:
                     log.warning("%s: findings written, %s not: %s", prepared.item.relative.as_posix(),
-                                sink.name.upper(), failure.reason)
+                                sink.label, failure.reason)
                 continue
             work_ms += output.work_ms
             written.append(output.path)
@@ -241,7 +237,8 @@ class Pipeline:
 
     @staticmethod
     def _work_of(sink: Sink, started: dict[str, Future]):
-        """The sink's finished work; None when a crashed worker took it (the sink redoes it here)."""
+        """The sink's finished work (what it raised, raised here); None when a crashed worker
+        took it (the sink redoes it here)."""
         future = started.get(sink.name)
         if future is None:
             return None
@@ -250,8 +247,6 @@ class Pipeline:
         except (BrokenProcessPool, CancelledError):
             log.warning("a worker died while working for the %s sink; redoing it on the main thread", sink.name)
             return None
-        except Exception as exc:
-            raise failure_of(exc) from exc
 
     def _error(self, prepared: Prepared, stage: str, reason: str, kind: str = PERMANENT) -> Result:
         record = error_record(prepared, stage, reason, self.model_info, self.backend_info, kind)

@@ -54,6 +54,7 @@ class SinkFailure(CxrEdgeError):
 
 class Sink:
     name = "sink"  # the record's `outputs` key; a failure is recorded under `<name>_error`
+    label = "output"  # what the output is called in reasons and logs
 
     def accepts(self, inference: Inference) -> bool:
         return True
@@ -64,8 +65,21 @@ class Sink:
 
     def write(self, inference: Inference, work) -> Written:
         """Write the output (`work`: the started future's result, or None when it was lost
-        with a crashed worker: do it here then). Raises SinkFailure."""
+        with a crashed worker: do it here then). Raises SinkFailure for a failure of its own
+        kind; anything else it raises (or its started work raised) goes through `failure`."""
         raise NotImplementedError
+
+    def failure(self, exc: BaseException) -> SinkFailure:
+        """Why no output was made, in words that name attributes, never their values: our own
+        errors are worded that way; a library's message may quote a header value, so only its
+        type. Permanent: the findings are written without this output."""
+        if isinstance(exc, SinkFailure):
+            return exc
+        if isinstance(exc, CxrEdgeError):
+            return SinkFailure(str(exc))
+        if isinstance(exc, OSError):
+            return SinkFailure(f"cannot write the {self.label}: {exc.strerror or type(exc).__name__}")
+        return SinkFailure(f"cannot build the {self.label} ({type(exc).__name__})")
 
 
 # --- the DICOM SR -----------------------------------------------------------------------------
@@ -101,20 +115,11 @@ def encode_sr(header, findings, identity, uids: dict | None = None) -> EncodedSR
                      (time.perf_counter() - started) * 1e3)
 
 
-def sr_failure(exc: BaseException) -> str:
-    """Why an SR could not be made, in words that name attributes, never their values: our own
-    errors are worded that way; a library's message may quote a header value, so only its type."""
-    if isinstance(exc, CxrEdgeError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"cannot write the SR: {exc.strerror or type(exc).__name__}"
-    return f"cannot build the SR ({type(exc).__name__})"
-
-
 class SRSink(Sink):
     """A TID 1500 Structured Report for every DICOM input: OUT/<stem>.sr.dcm."""
 
     name = "sr"
+    label = "SR"
     suffix = ".sr.dcm"
 
     def __init__(self, model_info: dict):
@@ -145,23 +150,16 @@ class SRSink(Sink):
         return pool.submit(encode_sr, *self._args(inference))
 
     def write(self, inference: Inference, work: EncodedSR | None) -> Written:
-        try:
-            sr = work or encode_sr(*self._args(inference))
-        except Exception as exc:  # highdicom refusing the content
-            raise SinkFailure(sr_failure(exc)) from exc
+        sr = work or encode_sr(*self._args(inference))  # highdicom refusing the content: see failure()
         path = inference.stem.with_name(inference.stem.name + self.suffix)
         try:
             atomic_write(path, sr.data)
         except OSError as exc:
-            raise SinkFailure(f"cannot write the SR: {exc.strerror or type(exc).__name__}", os_error_kind(exc)) from exc
+            # a full disk fails the whole input, to be retried; a folder in the SR's place does not
+            raise SinkFailure(self.failure(exc).reason, os_error_kind(exc)) from exc
         entry = {"path": str(path), "sop_instance_uid": sr.sop_instance_uid,
                  "series_instance_uid": sr.series_instance_uid}
         return Written(path, entry, sr.build_ms)
-
-
-def failure_of(exc: BaseException) -> SinkFailure:
-    """A sink's started work that raised: as the sink would have reported it."""
-    return exc if isinstance(exc, SinkFailure) else SinkFailure(sr_failure(exc))
 
 
 # --- the JSON record --------------------------------------------------------------------------
