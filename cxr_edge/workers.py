@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UNEXPECTED
+from .limits import usable_cpus
 from .prepare import Prepared, init_worker, prepare
 from .sources import InputItem
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
+    return usable_cpus()
 
 
 class WorkerPool:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
 from ..errors import ModelPackageError
+from ..limits import usable_cpus
 from .base import Runner, Timings
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def cpu_session(model_bytes: bytes, threads: int | None = None):
@@ -22,7 +18,7 @@ def cpu_session(model_bytes: bytes, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or default_threads()
+    options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only; ORT warnings are noise for users
     # Idle ORT threads spin by default, burning the cores the decode workers need: measured
@@ -39,7 +35,7 @@ class OnnxRuntimeRunner(Runner):
         """`load_bytes`: a loader returning the artifact's sha256-verified bytes."""
         super().__init__(precision, artifact_key, artifact_sha256)
         self.load_bytes, self.where = load_bytes, where
-        self.threads = threads or default_threads()
+        self.threads = threads or usable_cpus()
         self.session = None
 
     def activate_impl(self) -> None:
