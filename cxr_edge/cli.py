@@ -37,6 +37,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def main(verbose: int, quiet: bool) -> None:
     """cxr-edge: chest X-ray findings (14 NIH ChestX-ray14 findings + No Finding) as JSON and DICOM SR."""
     _setup_logging(verbose, quiet)
+
+
+def _reads_dicom() -> None:
+    """Commands that read DICOM silence pydicom's and highdicom's warnings first (they quote
+    header values); `status` and `--help` do not pay for importing pydicom."""
     from .prepare import quiet_dicom_warnings
 
     quiet_dicom_warnings()
@@ -62,6 +67,7 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     from .console import print_summary, progress
     from .errors import CxrEdgeError
 
+    _reads_dicom()
     out = Path(out_dir)
     settings = RunSettings(model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, not no_sr, min_side)
     try:
@@ -106,6 +112,7 @@ def calibrate(inputs, labels_csv, model_dir, out_dir, policy, new_version, preci
     from .errors import CxrEdgeError
     from .recalibrate import recalibrate
 
+    _reads_dicom()
     try:
         done = recalibrate(list(inputs), labels_csv, model_dir, out_dir, policy, new_version, precision, batch_size,
                            workers, threads)
@@ -177,6 +184,7 @@ def build_engine(model_dir, out_dir, int8, fp16, calib, calib_count, holdout, ho
         from .engines.gate import DEFAULT_TOLERANCES
     except ImportError as exc:
         raise UsageFailure(f"build-engine needs the `engines` extra (onnx, sympy, polygraphy): pip install 'cxr-edge[engines]' ({exc})")
+    _reads_dicom()
     overrides = {k: v for k, v in (("max_abs_dprob", max_dprob), ("mean_abs_dprob", mean_dprob),
                                    ("flip_rate", max_flip_rate), ("max_auroc_drop", max_auroc_drop)) if v is not None}
     tolerances = {p: dataclasses.replace(t, **overrides) for p, t in DEFAULT_TOLERANCES.items()}
@@ -326,6 +334,7 @@ def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, it
     from .manifest import ModelPackage
     from .sources import discover
 
+    _reads_dicom()
     try:
         items, _ = discover(list(inputs))
         if not items:
