@@ -13,14 +13,13 @@ import time
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
 from .errors import PERMANENT, UNEXPECTED, os_error_kind
 from .prepare import Prepared
-from .records import FindingsRecord, StageError, error_record, findings_record
+from .records import FindingsRecord, StageError, Status, error_record, findings_record
 from .sinks import Inference, RecordWriter, Sink, SRSink
 from .sources import InputItem
 from .workers import WorkerPool, default_workers
@@ -41,11 +40,6 @@ class RunSettings:
     threads: int | None = None  # inference threads (None: the CPU cores)
     write_sr: bool = True
     min_side: int | None = None  # None: limits.MIN_SIDE
-
-
-class Status(StrEnum):
-    OK = "ok"
-    ERROR = "error"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from . import __version__
@@ -19,7 +20,14 @@ from .labels import NO_FINDING
 
 SCHEMA = "cxr-edge/findings"
 SCHEMA_VERSION = 1
-OK, ERROR = "ok", "error"  # pipeline.Status's values
+
+
+class Status(StrEnum):
+    """An input's outcome: the record's and the pipeline result's `status`."""
+
+    OK = "ok"
+    ERROR = "error"
+
 
 DICOM_UID_KEYS = {
     "study_instance_uid": "StudyInstanceUID",
@@ -53,7 +61,7 @@ class StageError:
 
 @dataclass
 class FindingsRecord:
-    status: str  # "ok" | "error"
+    status: Status
     input: dict  # path, relative_path, sha256, size_bytes, format
     model: dict
     backend: dict
@@ -71,7 +79,7 @@ class FindingsRecord:
     # --- what readers ask -------------------------------------------------------------------
     @property
     def ok(self) -> bool:
-        return self.status == OK
+        return self.status == Status.OK
 
     @property
     def positive_findings(self) -> list[str]:
@@ -117,7 +125,7 @@ class FindingsRecord:
             no_finding = _finding(data["no_finding"]) if data.get("no_finding") else None
             errors = {key.removesuffix("_error"): StageError.from_json(value) for key, value in data.items()
                       if key.endswith("_error") and isinstance(value, dict)}
-            return cls(data["status"], data["input"], data["model"], data["backend"], data.get("dicom"),
+            return cls(Status(data["status"]), data["input"], data["model"], data["backend"], data.get("dicom"),
                        data.get("image"), findings, no_finding, data.get("timings_ms") or {}, data.get("outputs") or {},
                        StageError.from_json(data["error"]) if data.get("error") else None, errors,
                        data.get("created", ""), data.get("cxr_edge_version", ""))
@@ -163,7 +171,7 @@ def dicom_section(header) -> dict | None:
 
 
 def findings_record(prepared, findings: list[Finding], model: dict, backend: dict, timings_ms: dict) -> FindingsRecord:
-    return FindingsRecord(OK, input_section(prepared), model, backend, dicom_section(prepared.dicom_header),
+    return FindingsRecord(Status.OK, input_section(prepared), model, backend, dicom_section(prepared.dicom_header),
                           prepared.info or None, [f for f in findings if f.label != NO_FINDING],
                           next(f for f in findings if f.label == NO_FINDING), dict(timings_ms))
 
@@ -171,7 +179,7 @@ def findings_record(prepared, findings: list[Finding], model: dict, backend: dic
 def error_record(prepared, stage: str, reason: str, model: dict, backend: dict, kind: str = "permanent") -> FindingsRecord:
     """`kind` (permanent, incomplete, transient, unexpected: see cxr_edge.errors) says whether
     the same input may succeed later."""
-    return FindingsRecord(ERROR, input_section(prepared), model, backend, dicom_section(prepared.dicom_header),
+    return FindingsRecord(Status.ERROR, input_section(prepared), model, backend, dicom_section(prepared.dicom_header),
                           prepared.info or None, error=StageError(stage, reason, kind, str(prepared.item.path)))
 
 
