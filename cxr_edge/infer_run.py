@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .errors import CxrEdgeError, ModelPackageError
@@ -23,6 +24,13 @@ class InferRun:
     model: dict = field(default_factory=dict)
     backend: dict = field(default_factory=dict)
 
+    @cached_property
+    def lines(self) -> list[dict]:
+        """summary.jsonl's lines, one per input (also the --json summary's `results`)."""
+        from .records import summary_line
+
+        return [summary_line(r.record, r.outputs) for r in self.results]
+
     @property
     def failed(self) -> list:
         return [r for r in self.results if r.status != "ok"]
@@ -33,8 +41,6 @@ class InferRun:
         return [r for r in self.results if r.status == "ok" and r.record.sr_error]
 
     def summary(self) -> dict:
-        from .records import summary_line
-
         n = len(self.results)
         return {
             "inputs": n,
@@ -47,7 +53,7 @@ class InferRun:
             "summary_file": str(self.summary_path),
             "model": self.model,
             "backend": self.backend,
-            "results": [summary_line(r.record, r.outputs) for r in self.results],
+            "results": self.lines,
         }
 
 
@@ -76,7 +82,6 @@ def run(items, skipped, package, selection, out: Path, settings: RunSettings, on
     from .atomic import atomic_write, strict_json
     from .backends import create_backend
     from .pipeline import Pipeline
-    from .records import summary_line
     from .workers import WorkerPool, default_workers
 
     workers = settings.workers or default_workers()
@@ -103,7 +108,6 @@ def run(items, skipped, package, selection, out: Path, settings: RunSettings, on
         finally:
             runner.deactivate()
     results.sort(key=lambda r: r.item.relative.as_posix())  # completion order varies run to run
-    summary_path = out / "summary.jsonl"
-    lines = [summary_line(r.record, r.outputs) for r in results]
-    atomic_write(summary_path, "".join(strict_json(line) + "\n" for line in lines).encode())
-    return InferRun(results, skipped, elapsed, summary_path, pipeline.model_info, pipeline.backend_info)
+    done = InferRun(results, skipped, elapsed, out / "summary.jsonl", pipeline.model_info, pipeline.backend_info)
+    atomic_write(done.summary_path, "".join(strict_json(line) + "\n" for line in done.lines).encode())
+    return done
