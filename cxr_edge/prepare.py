@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PERMANENT, UNEXPECTED, InputError, os_error_kind
+from .errors import PERMANENT, TRANSIENT, UNEXPECTED, InputError, os_error_kind
 from .sources import InputItem
 
 
@@ -38,16 +38,34 @@ class Prepared:
     error: dict | None = None  # {"stage", "reason", "kind"} (kinds: cxr_edge.errors)
 
 
-def file_sha256(path: Path, follow_symlinks: bool = True) -> tuple[str, int]:
-    """(sha256, size of what was hashed). Without `follow_symlinks` a symbolic link is refused
-    (ELOOP) and only a regular file is read: opened non-blocking, so a FIFO put in its place
-    cannot hang the reader."""
+def file_identity(info: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file's bytes may have: another file in its place, a write, a truncation."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def file_sha256(path: Path, follow_symlinks: bool = True) -> tuple[str, int, tuple[int, ...]]:
+    """(sha256, size of what was hashed, the file's identity when it was opened). Without
+    `follow_symlinks` a symbolic link is refused (ELOOP) and only a regular file is read: opened
+    non-blocking, so a FIFO put in its place cannot hang the reader."""
     flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW | os.O_NONBLOCK)
     with open(os.open(path, flags), "rb") as f:
-        if not follow_symlinks and not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        info = os.fstat(f.fileno())
+        if not follow_symlinks and not stat.S_ISREG(info.st_mode):
             raise InputError("read", "not a regular file (a FIFO, socket or device)")
         digest = hashlib.file_digest(f, "sha256")
-        return digest.hexdigest(), f.tell()
+        return digest.hexdigest(), f.tell(), file_identity(info)
+
+
+def require_unchanged(path: Path, identity: tuple[int, ...], follow_symlinks: bool) -> None:
+    """The decoders open the file again by path: if it changed since it was hashed (a writer
+    still at work, a new file renamed over it), the pixels may not be the hashed bytes, and a
+    result filed under that hash would be another file's. Transient: read again later."""
+    try:
+        now = file_identity(os.stat(path, follow_symlinks=follow_symlinks))
+    except OSError as exc:
+        raise InputError("read", f"cannot read file: {exc.strerror}", os_error_kind(exc)) from exc
+    if now != identity:
+        raise InputError("read", "the file changed while it was being read", TRANSIENT)
 
 
 def inbox_entry_refusal(path: Path, info, root: Path) -> str | None:
@@ -89,8 +107,9 @@ def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine
         if confine is not None:
             confined_regular_file(item.path, confine)
         require_regular_file(item.path)  # before hashing: a FIFO would block the worker for ever
-        prepared.sha256, prepared.size_bytes = file_sha256(item.path, follow_symlinks=confine is None)
+        prepared.sha256, prepared.size_bytes, identity = file_sha256(item.path, follow_symlinks=confine is None)
         decoded = decode_file(item.path, max_pixels=max_pixels, min_side=min_side)
+        require_unchanged(item.path, identity, follow_symlinks=confine is None)
         t1 = time.perf_counter()
         prepared.tensor = preprocess(decoded.pixels, params)
         t2 = time.perf_counter()

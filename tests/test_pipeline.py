@@ -208,3 +208,36 @@ def test_sr_uids_follow_the_input_bytes_and_the_model():
     assert first["sop_instance_uid"] != sr_uids("a" * 64, ModelIdentity("m", "2", "f" * 64))["sop_instance_uid"]
     assert all(UID(uid).is_valid for uid in first.values())
     assert sr_uids(None, model) == {}  # unknown bytes: fresh random UIDs
+
+
+@pytest.mark.parametrize("change", ["append", "replace"])
+def test_a_file_that_changes_between_hashing_and_decoding_is_read_again(package, tmp_path, monkeypatch, change):
+    """The decoders open the file again by path. If a writer appends to it, or another file is
+    renamed over it, after it was hashed, the pixels are not the hashed bytes: the input fails
+    as transient (read again later), never a result filed under the old bytes' hash."""
+    import cxr_edge.decode as decode_module
+    from cxr_edge.prepare import prepare
+    from cxr_edge.sources import InputItem
+
+    source = SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm"
+    data = source.read_bytes()
+    path = tmp_path / "study.dcm"
+    path.write_bytes(data[: 2 * len(data) // 3])  # what the hash sees: the first two thirds
+    real_decode = decode_module.decode_file
+
+    def writer_finishes_first(file, *args, **kwargs):
+        if change == "append":
+            with open(file, "ab") as f:
+                f.write(data[2 * len(data) // 3 :])
+        else:
+            (tmp_path / "new.dcm").write_bytes(data)
+            os.replace(tmp_path / "new.dcm", file)
+        return real_decode(file, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "decode_file", writer_finishes_first)
+    item = InputItem(path, path.relative_to(tmp_path))
+    prepared = prepare(item, package.preprocess_params, 50_000_000, confine=tmp_path)
+    assert prepared.error == {"stage": "read", "reason": "the file changed while it was being read", "kind": "transient"}
+    monkeypatch.undo()
+    again = prepare(item, package.preprocess_params, 50_000_000, confine=tmp_path)  # the writer is done
+    assert again.error is None and again.size_bytes == len(data)

@@ -346,7 +346,7 @@ class Daemon:
                     self._seen_again(path, known)
                     return None
                 try:
-                    sha256, _ = file_sha256(path, follow_symlinks=False)
+                    sha256, _, _ = file_sha256(path, follow_symlinks=False)
                 except FileNotFoundError:
                     return None
                 except CxrEdgeError as exc:  # replaced by a FIFO or device since the lstat: refused
