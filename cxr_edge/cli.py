@@ -92,8 +92,9 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
               help="Deployed model package (default: the bundled demo model).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="New model package folder to write (must not exist).")
-@click.option("--policy", default="youden", show_default=True,
-              help="Threshold policy: youden | sensitivity:0.90 | specificity:0.90.")
+@click.option("--policy", default="specificity:0.90", show_default=True,
+              help="Operating point per finding: specificity:T | sensitivity:T | f1 | youden | prevalence "
+                   "(a class with too few positives or negatives for it gets the prevalence-matched point).")
 @click.option("--version", "new_version", default=None, help="Version of the new package (default: <old>+site.<date>).")
 @click.option("--precision", type=click.Choice(opt.PRECISIONS), default="fp32", show_default=True,
               help="Artifact whose logits are calibrated.")

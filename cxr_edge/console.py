@@ -17,19 +17,24 @@ def print_calibration(report: dict, fit: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"cxr-edge calibrate -> {report['package']} ({report['version']}, {report['images']} images)")
-    for column in ("finding", "positives", "T", "threshold", "ECE before", "ECE after", "NLL before", "NLL after"):
+    for column in ("finding", "positives", "T", "threshold", "operating point", "sens", "spec", "ECE before", "ECE after",
+                   "NLL before", "NLL after"):
         table.add_column(column, justify="left" if column == "finding" else "right")
     r = fit["report"]
     for c, label in enumerate(report["temperatures"]):
         fitted = report["temperature_fitted"][label]
+        point = report["operating_points"][label]
+        expected = [("-" if point[k] is None else f"{point[k]:.2f}") for k in ("expected_sensitivity", "expected_specificity")]
         table.add_row(label, str(report["positives"][label]), f"{report['temperatures'][label]:.3f}" + ("" if fitted else " (kept)"),
-                      f"{report['thresholds'][label]:.3f}", f"{r['ece_before'][c]:.3f}", f"{r['ece_after'][c]:.3f}",
+                      f"{report['thresholds'][label]:.3f}", point["policy"], *expected, f"{r['ece_before'][c]:.3f}", f"{r['ece_after'][c]:.3f}",
                       f"{r['nll_before'][c]:.3f}", f"{r['nll_after'][c]:.3f}")
     m = report["mean"]
-    table.add_row("mean", "", "", "", f"{m['ece_before']:.3f}", f"{m['ece_after']:.3f}", f"{m['nll_before']:.3f}", f"{m['nll_after']:.3f}")
+    table.add_row("mean", "", "", "", "", "", "", f"{m['ece_before']:.3f}", f"{m['ece_after']:.3f}", f"{m['nll_before']:.3f}", f"{m['nll_after']:.3f}")
     Console(stderr=True).print(table)
     click.echo(f"wrote {report['package']} (version {report['version']}); (kept) = fewer than 5 positives "
-               "or negatives, T left at 1", err=True)
+               "or negatives, T left at 1; sens/spec = what the operating point gives on these images; "
+               "'prevalence' = too few positives or negatives for the policy, so the class flags as many "
+               "images as it has positives", err=True)
 
 
 def print_build(report: dict) -> None:

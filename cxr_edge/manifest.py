@@ -24,6 +24,7 @@ import numpy as np
 from .atomic import atomic_write, publish_dir, staging_dir
 from .errors import ModelPackageError
 from .labels import LABELS
+from .operating_points import OperatingPoint
 from .preprocess import PreprocessParams
 
 MANIFEST_NAME = "manifest.json"
@@ -150,6 +151,7 @@ class ModelPackage:
         thresholds = _numbers(fail, m, "thresholds", "values", n)
         if any(not 0.0 <= t <= 1.0 for t in thresholds):
             fail(f"thresholds.values must lie in [0, 1] (item {_first(lambda t: not 0 <= t <= 1, thresholds)} does not)")
+        _check_operating_points(fail, m["thresholds"], thresholds)
         _check_preprocessing(fail, m["preprocessing"])
         try:
             self.preprocess_params
@@ -182,6 +184,16 @@ class ModelPackage:
     @property
     def thresholds(self) -> np.ndarray:
         return np.asarray(self._manifest["thresholds"]["values"], dtype=np.float64)
+
+    @property
+    def operating_points(self) -> list[OperatingPoint]:
+        """Per label: its threshold, policy and expected sensitivity/specificity (a manifest from
+        before operating points: the threshold and policy only)."""
+        section = self._manifest["thresholds"]
+        if "operating_points" in section:
+            return [OperatingPoint.from_json(entry) for entry in section["operating_points"]]
+        return [OperatingPoint(float(t), str(section.get("policy", "unknown")), None, None, 0, 0)
+                for t in section["values"]]
 
     @property
     def preprocess_params(self) -> PreprocessParams:
@@ -263,7 +275,8 @@ class ModelPackage:
         out["calibration"] = {"method": "temperature", "temperatures": fit["temperatures"], "fitted_on": fitted_on,
                               "positives": fit["positives"], "temperature_fitted": fit["temperature_fitted"],
                               **fit["report"]}
-        out["thresholds"] = {"policy": fit["threshold_policy"], "values": fit["thresholds"], "chosen_on": fitted_on}
+        out["thresholds"] = {"policy": fit["threshold_policy"], "values": fit["thresholds"], "chosen_on": fitted_on,
+                             "operating_points": fit["operating_points"]}
         out.setdefault("recalibrations", []).append(
             previous | {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         return out
@@ -357,6 +370,26 @@ def _numbers(fail, m: dict, block: str, key: str, n: int) -> list[float]:
         i = numbers.index(None)
         fail(f"{block}.{key} must be {n} finite numbers; item {i} is {_short(values[i])}")
     return numbers
+
+
+def _check_operating_points(fail, section: dict, thresholds: list[float]) -> None:
+    """Optional `thresholds.operating_points`: one per label, each at its label's threshold."""
+    if "operating_points" not in section:
+        return
+    points = section["operating_points"]
+    if not isinstance(points, list) or len(points) != len(thresholds):
+        fail(f"thresholds.operating_points must be {len(thresholds)} objects (one per label), not {_short(points)}")
+    for i, (entry, threshold) in enumerate(zip(points, thresholds)):
+        try:
+            point = OperatingPoint.from_json(entry)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            fail(f"thresholds.operating_points item {i}: {_one_line(exc)}")
+        if not math.isclose(point.threshold, threshold, rel_tol=0, abs_tol=1e-6):
+            fail(f"thresholds.operating_points item {i} is not at thresholds.values item {i}")
+        for name in ("expected_sensitivity", "expected_specificity"):
+            value = getattr(point, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                fail(f"thresholds.operating_points item {i}: {name} must lie in [0, 1]")
 
 
 def _check_preprocessing(fail, entry) -> None:

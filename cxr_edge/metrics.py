@@ -64,37 +64,6 @@ def fit_temperatures(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return np.array([fit_temperature(labels[:, c], logits[:, c]) for c in range(labels.shape[1])])
 
 
-def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Threshold maximising sensitivity + specificity - 1; 0.5 when a class is absent."""
-    return threshold_for_policy(labels, probabilities, "youden")
-
-
-def threshold_for_policy(labels: np.ndarray, probabilities: np.ndarray, policy: str, target: float | None = None) -> float:
-    """The decision threshold a named policy picks on labeled probabilities.
-
-    youden: max sensitivity + specificity - 1; sensitivity: the highest threshold whose
-    sensitivity is >= target; specificity: the lowest threshold whose specificity is >= target.
-    0.5 when a class has no positives or no negatives (nothing to choose from).
-    """
-    y = np.asarray(labels).astype(bool)
-    p = np.asarray(probabilities, dtype=np.float64)
-    if y.all() or (~y).all():
-        return 0.5
-    candidates = np.unique(p)  # ascending
-    predicted = p[None, :] >= candidates[:, None]
-    sens = (predicted & y).sum(1) / y.sum()
-    spec = (~predicted & ~y).sum(1) / (~y).sum()
-    if policy == "youden":
-        return float(candidates[int(np.argmax(sens + spec - 1.0))])
-    if policy == "sensitivity":
-        ok = np.flatnonzero(sens >= target)  # sensitivity falls as the threshold rises
-        return float(candidates[ok[-1]]) if len(ok) else float(candidates[0])
-    if policy == "specificity":
-        ok = np.flatnonzero(spec >= target)  # specificity rises with the threshold
-        return float(candidates[ok[0]]) if len(ok) else float(np.nextafter(candidates[-1], 1.0))
-    raise ValueError(f"unknown threshold policy {policy!r}")
-
-
 def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean((np.asarray(probabilities, np.float64) - np.asarray(labels, np.float64)) ** 2))
 
@@ -169,3 +138,36 @@ def calibration_report(labels: np.ndarray, logits: np.ndarray, temperatures: np.
     }
     report["mean"] = {key: float(np.mean(values)) for key, values in report.items()}
     return report
+
+
+def bootstrap_mean_auroc_ci(labels: np.ndarray, scores: np.ndarray, resamples: int = 1000, seed: int = 0,
+                            level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean over classes of the AUROC, resampling images (a class
+    without positives or negatives in a resample is left out of that resample's mean)."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(labels), len(labels))
+        with np.errstate(invalid="ignore"):
+            values.append(np.nanmean(per_class_auroc(labels[index], scores[index])))
+    tail = (1.0 - level) / 2.0 * 100.0
+    return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100.0 - tail))
+
+
+def decision_report(labels: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray, findings: np.ndarray) -> dict:
+    """What the thresholds do on labeled images: per-class sensitivity and specificity, their mean
+    over the `findings` columns (a bool mask: the 14 findings, not "No Finding"), and the findings
+    flagged per image against the true count."""
+    y = np.asarray(labels) > 0
+    decisions = np.asarray(probabilities) >= np.asarray(thresholds)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = (decisions & y).sum(0) / y.sum(0)
+        specificity = (~decisions & ~y).sum(0) / (~y).sum(0)
+    return {
+        "sensitivity": sensitivity, "specificity": specificity,
+        "mean_sensitivity": float(np.nanmean(sensitivity[findings])),
+        "mean_specificity": float(np.nanmean(specificity[findings])),
+        "flagged_per_image": float(decisions[:, findings].sum(1).mean()),
+        "true_per_image": float(y[:, findings].sum(1).mean()),
+    }

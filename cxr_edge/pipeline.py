@@ -76,7 +76,7 @@ class Pipeline:
         self.workers = workers or default_workers()
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
         self.log_names = log_names  # the daemon logs journal ids instead: file names may carry patient data
-        self.labels, self.thresholds, self.temperatures = package.labels, package.thresholds, package.temperatures
+        self.labels, self.points, self.temperatures = package.labels, package.operating_points, package.temperatures
         self.model_info = package.describe(runner.artifact_sha256)
         self.backend_info = runner.describe()
         self.sinks = sinks if sinks is not None else ([SRSink(self.model_info)] if write_sr else [])
@@ -153,7 +153,7 @@ class Pipeline:
         probabilities = calibrated_probabilities(logits, self.temperatures)
         # A probability outside [0, 1] or NaN is not a result (and not valid JSON): that input fails.
         sane = np.isfinite(probabilities).all(axis=1) & (probabilities >= 0).all(axis=1) & (probabilities <= 1).all(axis=1)
-        rows = [findings_for_row(self.labels, row, self.thresholds) if ok else None for row, ok in zip(probabilities, sane)]
+        rows = [findings_for_row(self.labels, row, self.points) if ok else None for row, ok in zip(probabilities, sane)]
         postprocess_ms = (time.perf_counter() - inferred) * 1e3
         results = []
         for (prepared, arrived), findings in zip(batch, rows):

@@ -25,11 +25,12 @@ def recalibrate(inputs: list[str], labels_csv: str, model_dir: str | None, out_d
                 threads: int | None) -> Recalibration:
     """Raises CxrEdgeError (or ValueError for a bad policy) for usage and configuration problems."""
     from .backends import create_backend, select_backend
-    from .calibration import fit_calibration, parse_policy
+    from .calibration import fit_calibration
     from .labeled import logits_for, match_labels
     from .manifest import ModelPackage, write_package_copy
+    from .operating_points import Policy
 
-    parse_policy(policy)
+    Policy.parse(policy)
     package = ModelPackage.load(model_dir)
     labeled = match_labels(list(inputs), labels_csv)
     if Path(out_dir).exists():
@@ -55,6 +56,7 @@ def recalibrate(inputs: list[str], labels_csv: str, model_dir: str | None, out_d
               "unlabeled_images_ignored": labeled.unlabeled, "policy": fit["threshold_policy"],
               "temperatures": dict(zip(new.labels, fit["temperatures"])),
               "thresholds": dict(zip(new.labels, fit["thresholds"])),
+              "operating_points": dict(zip(new.labels, fit["operating_points"])),
               "temperature_fitted": fit["temperature_fitted"], "positives": fit["positives"],
               "mean": fit["report"]["mean"]}
     return Recalibration(report, fit, failures)

@@ -142,7 +142,7 @@ class FindingsRecord:
 
 
 def _finding(data: dict) -> Finding:
-    return Finding(data["label"], float(data["probability"]), float(data["threshold"]))
+    return Finding(data["label"], float(data["probability"]), float(data["threshold"]), data.get("operating_point"))
 
 
 # --- building records in the pipeline -----------------------------------------------------------

@@ -60,5 +60,7 @@ assert set(FINDING_CODES) == set(LABELS)
 PROCEDURE_REPORTED = Code("399208008", "SCT", "Plain chest X-ray")
 
 # CID 240 "Present-Absent" (pydicom codedict).
+# TID 1500 row 12: the container of free-text and coded evaluations of the whole report
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PRESENT = codes.SCT.Present
 ABSENT = codes.SCT.Absent

@@ -15,10 +15,10 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from cxr_edge.findings import Finding
+from cxr_edge.findings import Finding, display_probability, summary_text
 from cxr_edge.sr_codes import (
-    ABSENT, FINDING_CODES, MANUFACTURER, PRESENT, PROCEDURE_REPORTED, SERIES_DESCRIPTION,
-    SERIES_NUMBER,
+    ABSENT, FINDING_CODES, MANUFACTURER, PRESENT, PROCEDURE_REPORTED, QUALITATIVE_EVALUATIONS,
+    SERIES_DESCRIPTION, SERIES_NUMBER,
 )  # fmt: skip
 
 
@@ -36,9 +36,12 @@ def highdicom_sr(
     series_instance_uid: str,
     sop_instance_uid: str,
     tracking_uids: Sequence[str],
+    summary: str | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Comprehensive SR for `header` (a validated source header, cxr_edge.sr_source) in a new
-    series, UNVERIFIED. Raises whatever highdicom raises for content it refuses."""
+    series, UNVERIFIED. Raises whatever highdicom raises for content it refuses.
+
+    `summary`: the text of the Summary item (default: findings.summary_text of `findings`)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(model),
         name=model.name,
@@ -58,6 +61,7 @@ def highdicom_sr(
         procedure_reported=PROCEDURE_REPORTED,
         imaging_measurements=groups,
     )
+    report[0].ContentSequence.append(_summary(summary if summary is not None else summary_text(findings)))
     return hd.sr.ComprehensiveSR(
         # Only the validated header: highdicom copies the Patient / Study attributes it
         # finds in the first evidence dataset, and its Specific Character Set (UTF-8 when
@@ -92,7 +96,7 @@ def _measurement_group(
     )
     probability = hd.sr.Measurement(
         name=codes.DCM.Probability,
-        value=finding.probability,
+        value=display_probability(finding.probability),
         unit=codes.UCUM.NoUnits,
         algorithm_id=algorithm,
         referenced_images=[hd.sr.SourceImageForMeasurement.from_source_image(header)],
@@ -110,5 +114,22 @@ def _measurement_group(
     )
 
 
+def _summary(text: str) -> hd.sr.ContainerContentItem:
+    # TID 1500 rows 12 and 14: the Qualitative Evaluations container, a TEXT in it. highdicom's
+    # MeasurementReport has no argument for them (0.28), so the item is added to its root.
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence([hd.sr.TextContentItem(
+        name=codes.DCM.Summary, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)])
+    return container
+
+
 def threshold_text(finding: Finding) -> str:
-    return f"threshold={finding.threshold!r}"
+    """The operating point in words: threshold, policy and what to expect of it."""
+    text = f"threshold={finding.threshold:.3f}"
+    point = finding.operating_point
+    if point:
+        expected = [f"expected {name} {point[f'expected_{name}']:.2f}" for name in ("sensitivity", "specificity")
+                    if point.get(f"expected_{name}") is not None]
+        text += f" ({'; '.join([str(point['policy']), *expected])})"
+    return text

@@ -41,7 +41,7 @@ from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import DA, DS, DT, TM
 
 from cxr_edge.dicom_splice import Element, elements, encode_element, splice
-from cxr_edge.findings import Finding
+from cxr_edge.findings import Finding, display_probability, summary_text
 from cxr_edge.outputs import dicom_bytes
 from cxr_edge.sr_codes import ABSENT, PRESENT
 from cxr_edge.sr_highdicom import highdicom_sr, threshold_text
@@ -64,6 +64,8 @@ STAND_IN = {
     "StudyInstanceUID": _stand_in_uid("source study"),
 }
 STAND_IN_TRACKING_UID = _stand_in_uid("tracking")
+STAND_IN_SUMMARY = "cxr-edge summary stand-in"
+_TEXT_VALUE = 0x0040A160
 STAND_IN_SR = {"series_instance_uid": _stand_in_uid("series"),
                "sop_instance_uid": _stand_in_uid("instance")}
 # Top-level attributes that come from the source or the call: removed from the template and set
@@ -122,7 +124,7 @@ def template_for(model, labels: Sequence[str]) -> Template:
 def _template(model, labels: tuple[str, ...]) -> Template:
     # Probability 0 < threshold 1: all Absent, so Present/Absent is found by its value.
     findings = [Finding(label, 0.0, 1.0) for label in labels]
-    document = highdicom_sr(_stand_in_header(), findings, model,
+    document = highdicom_sr(_stand_in_header(), findings, model, summary=STAND_IN_SUMMARY,
                             tracking_uids=[STAND_IN_TRACKING_UID] * len(labels), **STAND_IN_SR)
     for keyword in PER_INPUT_ROOT:
         if keyword in document:
@@ -184,6 +186,8 @@ def _kind(element: Element, imaging: int) -> tuple[str, int | None] | None:
         return keyword, None
     if element.tag == _CONTRIBUTION_DATETIME:
         return "contribution_datetime", None
+    if element.tag == _TEXT_VALUE and text == STAND_IN_SUMMARY:
+        return "summary", None
     for name, (tag, holds, _) in _GROUP_HOLES.items():
         if element.tag != tag or (holds is not None and not holds(text)):
             continue
@@ -208,6 +212,7 @@ def fill(
     labels, in its order; float probabilities)."""
     values = {(kind, None): header[kind].value for kind in _SOURCE_HOLES.values()}
     values["contribution_datetime", None] = DT(now)
+    values["summary", None] = summary_text(findings)
     for group, (finding, uid) in enumerate(zip(findings, tracking_uids, strict=True)):
         values.update(((name, group), value) for name, value in _group_values(finding, uid).items())
     encoded: dict[tuple[str, int | None], bytes] = {}  # a value in several holes: encoded once
@@ -223,11 +228,12 @@ def fill(
 
 def _group_values(finding: Finding, tracking_uid: str) -> dict[str, object]:
     presence = PRESENT if finding.positive else ABSENT
-    probability = DS(finding.probability, auto_format=True)
+    shown = display_probability(finding.probability)
+    probability = DS(shown, auto_format=True)
     return {
         "tracking_uid": tracking_uid,
         "numeric_value": getattr(probability, "original_string", str(probability)),
-        "floating_point_value": finding.probability,
+        "floating_point_value": shown,
         "threshold": threshold_text(finding),
         "code_value": presence.value,
         "code_meaning": presence.meaning,

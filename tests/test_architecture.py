@@ -13,7 +13,7 @@ FOLDERS = {"cxr_edge": "cxr_edge", "engines": "cxr_edge.engines", "train": "cxr_
 # docs/architecture.md, "Layers": a module may import its own layer and the ones below it.
 LAYERS = [
     ("foundations", ["cxr_edge", "cxr_edge.errors", "cxr_edge.limits", "cxr_edge.labels", "cxr_edge.atomic",
-                     "cxr_edge.findings", "cxr_edge.metrics", "cxr_edge.preprocess", "cxr_edge.outputs"]),
+                     "cxr_edge.operating_points", "cxr_edge.findings", "cxr_edge.metrics", "cxr_edge.preprocess", "cxr_edge.outputs"]),
     ("parts", ["cxr_edge.sources", "cxr_edge.codestream", "cxr_edge.dicom_header", "cxr_edge.dicom_decoders",
                "cxr_edge.dicom_display", "cxr_edge.decode", "cxr_edge.prepare",
                "cxr_edge.manifest", "cxr_edge.calibration", "cxr_edge.backends*",

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from cxr_edge.calibration import fit_calibration, parse_policy
+from cxr_edge.calibration import fit_calibration
 from cxr_edge.findings import sigmoid
 from cxr_edge.manifest import DEFAULT_PACKAGE, ModelPackage, sha256_file
 from cxr_edge.metrics import (
-    auroc, average_precision, binary_nll, bootstrap_auroc_ci, brier_score, roc_curve, threshold_for_policy,
+    auroc, average_precision, binary_nll, bootstrap_auroc_ci, brier_score, roc_curve,
 )
 
 from .conftest import NIH_TINY64, SAMPLES
@@ -44,33 +44,6 @@ def test_rare_class_keeps_temperature_one():
     labels[:3, 7] = 1  # 3 positives: too few to fit
     fit = fit_calibration(labels, logits)
     assert fit["temperatures"][7] == 1.0 and fit["temperature_fitted"]["Hernia"] is False
-
-
-@pytest.mark.parametrize("policy,check", [
-    ("sensitivity:0.9", lambda sens, spec: sens >= 0.9),
-    ("specificity:0.95", lambda sens, spec: spec >= 0.95),
-    ("youden", lambda sens, spec: sens + spec - 1 > 0.3),
-])
-def test_threshold_policies_meet_their_target(policy, check):
-    labels, logits = _overconfident(seed=1)
-    name, target = parse_policy(policy)
-    y, p = labels[:, 0] > 0, sigmoid(logits[:, 0])
-    t = threshold_for_policy(y, p, name, target)
-    sens, spec = (p[y] >= t).mean(), (p[~y] < t).mean()
-    assert check(sens, spec), (t, sens, spec)
-
-
-def test_sensitivity_policy_picks_the_highest_threshold_that_meets_it():
-    y = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
-    p = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1])
-    assert threshold_for_policy(y, p, "sensitivity", 0.75) == 0.6
-    assert threshold_for_policy(y, p, "specificity", 0.75) == 0.6  # 0.4 is the 3rd negative: spec 0.5 below 0.6
-
-
-@pytest.mark.parametrize("text", ["youdens", "sensitivity", "sensitivity:1.5", "specificity:abc", ""])
-def test_bad_policy_is_refused(text):
-    with pytest.raises(ValueError, match="threshold policy"):
-        parse_policy(text)
 
 
 def test_metrics_against_hand_computed_values():
@@ -147,7 +120,11 @@ def test_cxr_edge_calibrate_on_241_real_nih_images(tmp_path):
                       "--policy", "specificity:0.9")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
-    assert report["images"] == 241 and report["policy"] == "specificity:0.9"
+    assert report["images"] == 241 and report["policy"] == "specificity:0.90"
+    package = ModelPackage.load(out)
+    for label, point in zip(package.labels, package.operating_points):  # what the manifest and report say agree
+        assert report["operating_points"][label]["threshold"] == point.threshold
+        assert point.policy == "prevalence" or point.expected_specificity >= 0.9, (label, point)
     assert report["mean"]["nll_after"] < report["mean"]["nll_before"]
     fitted = [label for label, ok in report["temperature_fitted"].items() if ok]
     assert len(fitted) >= 5  # the common findings have enough positives in 241 images

@@ -8,8 +8,10 @@ must be equal element by element at every level, and so must their encoded files
 from __future__ import annotations
 
 import datetime
+import html
 import multiprocessing
 import random
+import re
 import shutil
 import subprocess
 import threading
@@ -30,7 +32,7 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from cxr_edge.dicom_splice import elements
-from cxr_edge.findings import Finding
+from cxr_edge.findings import Finding, summary_text
 from cxr_edge.labels import LABELS
 from cxr_edge.outputs import dicom_bytes
 from cxr_edge.sr import (
@@ -86,13 +88,30 @@ def test_dsrdump_reads_without_complaint(built):
     assert "Error" not in run.stderr and "Warning" not in run.stderr, run.stderr
 
 
+def test_a_reader_sees_the_summary_and_probabilities_at_three_decimals(built):
+    """dcmtk's dsr2html renders what a reader sees: the summary of the flagged findings, and each
+    probability at the precision a report shows (not "0.02988488632065")."""
+    if shutil.which("dsr2html") is None:
+        pytest.skip("dsr2html (dcmtk) not installed")
+    _, findings, path = built
+    run = subprocess.run(["dsr2html", str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    text = html.unescape(re.sub(r"<[^>]+>", " ", run.stdout))
+    assert summary_text(findings) in " ".join(text.split())
+    numbers = re.findall(r"\b0\.\d+\b", text.split("Qualitative Evaluations")[0])
+    assert numbers and all(len(n) <= 5 for n in numbers), numbers  # 0.xyz, thresholds too
+    summary_items = [item for item in hd.sr.srread(path).ContentSequence
+                     if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]  # TID 1500 row 12
+    assert [i.ContentSequence[0].TextValue for i in summary_items] == [summary_text(findings)]
+
+
 def test_findings_read_back(built):
     _, findings, path = built
     got = read_sr_findings(hd.sr.srread(path))
     assert set(got) == set(LABELS)
     for finding in findings:
         probability, present = got[finding.label]
-        assert probability == pytest.approx(finding.probability, abs=1e-6)
+        assert probability == round(finding.probability, 3)  # the precision a report shows
         assert present == finding.positive
 
 

@@ -9,37 +9,56 @@ import numpy as np
 from cxr_edge.atomic import atomic_write_json
 from cxr_edge.calibration import fit_calibration
 from cxr_edge.findings import sigmoid
-from cxr_edge.labels import LABELS
-from cxr_edge.metrics import calibration_report, per_class_auroc
+from cxr_edge.labels import LABELS, NO_FINDING
+from cxr_edge.metrics import bootstrap_mean_auroc_ci, calibration_report, decision_report, per_class_auroc
+from cxr_edge.operating_points import DEFAULT_POLICY
 
 
-def calibrate_run(run_dir: str | Path, policy: str = "youden") -> dict:
+def calibrate_run(run_dir: str | Path, policy: str = DEFAULT_POLICY) -> dict:
     """Fit on validation, report on test; writes RUN/calibration.json (export puts it in the manifest)."""
     run_dir = Path(run_dir)
     val, test = np.load(run_dir / "logits_val.npz"), np.load(run_dir / "logits_test.npz")
     fit = fit_calibration(val["labels"], val["logits"], policy)
     temperatures, thresholds = np.asarray(fit["temperatures"]), np.asarray(fit["thresholds"])
     test_auroc = per_class_auroc(test["labels"], test["logits"])
-    decisions = sigmoid(test["logits"] / temperatures) >= thresholds
-    positives = test["labels"] > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sensitivity = (decisions & positives).sum(0) / positives.sum(0)
-        specificity = (~decisions & ~positives).sum(0) / (~positives).sum(0)
+    findings = np.array([label != NO_FINDING for label in LABELS])
+    decided = decision_report(test["labels"], sigmoid(test["logits"] / temperatures), thresholds, findings)
+    on_val = decision_report(val["labels"], sigmoid(val["logits"] / temperatures), thresholds, findings)
+    low, high = bootstrap_mean_auroc_ci(test["labels"], test["logits"], resamples=1000)
     nan_none = lambda values: {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in zip(LABELS, values)}  # noqa: E731
     result = {
         "temperatures": fit["temperatures"],
         "thresholds": fit["thresholds"],
         "threshold_policy": fit["threshold_policy"],
-        "validation": {k: v for k, v in fit.items() if k not in ("temperatures", "thresholds", "threshold_policy")},
+        "operating_points": fit["operating_points"],
+        "validation": {k: v for k, v in fit.items()
+                       if k not in ("temperatures", "thresholds", "threshold_policy", "operating_points")}
+        | {"described": _validation_text(run_dir, len(val["labels"]))} | _decisions(on_val),
         "test": {
             "n": int(len(test["labels"])),
             "positives": dict(zip(LABELS, test["labels"].sum(0).astype(int).tolist())),
             "auroc": nan_none(test_auroc),
             "mean_auroc": round(float(np.nanmean(test_auroc)), 4),
-            "sensitivity_at_threshold": nan_none(sensitivity),
-            "specificity_at_threshold": nan_none(specificity),
+            "mean_auroc_ci95": [round(low, 4), round(high, 4)],
+            "sensitivity_at_threshold": nan_none(decided["sensitivity"]),
+            "specificity_at_threshold": nan_none(decided["specificity"]),
+            **_decisions(decided),
             "calibration": calibration_report(test["labels"], test["logits"], temperatures)["mean"],
         },
     }
     atomic_write_json(run_dir / "calibration.json", result)
     return result
+
+
+def _decisions(report: dict) -> dict:
+    """The headline of a decision_report: means over the 14 findings, findings per image."""
+    return {key: round(report[key], 4) for key in ("mean_sensitivity", "mean_specificity", "flagged_per_image",
+                                                   "true_per_image")}
+
+
+def _validation_text(run_dir: Path, n: int) -> str:
+    """What the operating points were chosen on, in words (a staged run: out-of-fold predictions)."""
+    import json
+
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    return config.get("validation") or f"validation split ({n} images)"

@@ -77,9 +77,53 @@ def finetune(resume: bool, **kwargs) -> None:
 
 
 @main.command()
+@click.option("--data", "data", multiple=True, required=True, metavar="CSV[:IMAGE_DIR]",
+              help="NIH-format CSV (as for finetune). Repeat to combine sets.")
+@click.option("--test-data", required=True, metavar="CSV[:IMAGE_DIR]",
+              help="One of --data: the held-out test patients and the out-of-fold set come from it (the images "
+                   "users send, e.g. full-resolution ones).")
+@click.option("--test-fraction", default=0.3, show_default=True, type=click.FloatRange(0.05, 0.9))
+@click.option("--split-seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--arch", default="vit_small_patch14_dinov2", show_default=True, help="A timm ViT.")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), help="Local pretrained weights (.safetensors).")
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+              help="A staged run to distil (the student takes its data, split and views).")
+@click.option("--alpha", default=0.7, show_default=True, help="With --teacher: weight of the teacher term.")
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--frozen-blocks", default=10, show_default=True, help="Blocks that never train (computed once per view).")
+@click.option("--views", default=4, show_default=True, help="Views per --test-data training image (1 + augmented).")
+@click.option("--other-views", default=2, show_default=True, help="Views per image of the other sets.")
+@click.option("--strength", default=2.0, show_default=True, help="Augmentation strength (1 = the finetune default).")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Cross-validation folds.")
+@click.option("--probe-epochs", default=40, show_default=True)
+@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1), help="Stage 2 epochs.")
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--layer-decay", default=0.75, show_default=True)
+@click.option("--ema-decay", default=0.99, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default="bce", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--cache", default=None, metavar="DIR", help="Reuse decoded tensors and trunk outputs across runs.")
+def staged(**kwargs) -> None:
+    """Frozen trunk, linear probe, then the top blocks (LLRD, EMA, strong augmentation) with K-fold
+    out-of-fold predictions; --teacher distils a staged run into a student on the same views."""
+    from .staged import StagedConfig, staged as run
+
+    kwargs["data"] = tuple(kwargs["data"])
+    try:
+        run(StagedConfig(**kwargs))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--policy", default="youden", show_default=True,
-              help="Threshold policy: youden | sensitivity:0.90 | specificity:0.90.")
+@click.option("--policy", default="specificity:0.90", show_default=True,
+              help="Operating point per finding: specificity:T | sensitivity:T | f1 | youden | prevalence "
+                   "(a class with too few positives or negatives for it gets the prevalence-matched point).")
 def calibrate(run_dir: str, policy: str) -> None:
     """Per-class temperatures (NLL on validation logits) and thresholds; RUN/calibration.json."""
     from .calibrate import calibrate_run
@@ -91,8 +135,12 @@ def calibrate(run_dir: str, policy: str) -> None:
     v, t = result["validation"]["report"]["mean"], result["test"]
     click.echo(f"validation ({result['validation']['n']} images): mean NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, "
                f"ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f}, Brier {v['brier_before']:.4f} -> {v['brier_after']:.4f}")
-    click.echo(f"test ({t['n']} images): mean AUROC {t['mean_auroc']}, ECE {t['calibration']['ece_before']:.4f} -> "
-               f"{t['calibration']['ece_after']:.4f}; thresholds: {result['threshold_policy']}")
+    click.echo(f"test ({t['n']} images): mean AUROC {t['mean_auroc']} (95% CI {t['mean_auroc_ci95'][0]}-"
+               f"{t['mean_auroc_ci95'][1]}), ECE {t['calibration']['ece_before']:.4f} -> {t['calibration']['ece_after']:.4f}")
+    for name, part in (("validation", result["validation"]), ("test", t)):
+        click.echo(f"{name} at the {result['threshold_policy']} operating points: mean sensitivity "
+                   f"{part['mean_sensitivity']:.3f}, mean specificity {part['mean_specificity']:.3f}, findings flagged "
+                   f"per image {part['flagged_per_image']:.2f} (true {part['true_per_image']:.2f})")
 
 
 @main.command()

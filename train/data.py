@@ -90,6 +90,21 @@ def official_split(records: list[Record], train_val_list: str | Path, test_list:
     return {Split.TRAIN: inner[Split.TRAIN], Split.VAL: inner[Split.VAL], Split.TEST: held_out}
 
 
+def held_out_split(records: list[Record], target: list[Record], test_fraction: float, seed: int) -> dict[Split, list[Record]]:
+    """Test = a seeded fraction of the patients of `target` (e.g. the full-resolution set, what
+    users send), their images from `target` only; train = every image of every other patient
+    (no validation part: the staged recipe validates by cross-validation on train)."""
+    if not target:
+        raise ValueError("the test data set has no images")
+    patients = sorted({r.patient_id for r in target})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    test_patients = {patients[i] for i in order[: int(round(test_fraction * len(patients)))]}
+    target_paths = {r.path for r in target}
+    return {Split.TRAIN: [r for r in records if r.patient_id not in test_patients],
+            Split.VAL: [],
+            Split.TEST: [r for r in records if r.patient_id in test_patients and r.path in target_paths]}
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """How a run splits its data; stored in the run's config so later steps use the same split."""
@@ -99,14 +114,18 @@ class SplitSpec:
     train_val_list: str | None = None
     test_list: str | None = None
     val_fraction: float = 0.1
+    test_data: str | None = None  # one of `data`: the test split is drawn from its patients only
+    test_fraction: float = 0.3
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SplitSpec":
         return cls(tuple(cfg["data"]), cfg.get("split_seed", 0), cfg.get("train_val_list"), cfg.get("test_list"),
-                   cfg.get("val_fraction", 0.1))
+                   cfg.get("val_fraction", 0.1), cfg.get("test_data"), cfg.get("test_fraction", 0.3))
 
     def splits(self) -> dict[Split, list[Record]]:
         records = read_records(list(self.data))
+        if self.test_data:
+            return held_out_split(records, read_records([self.test_data]), self.test_fraction, self.split_seed)
         if self.test_list:
             if not self.train_val_list:
                 raise ValueError("--test-list needs --train-val-list")

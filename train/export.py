@@ -30,11 +30,15 @@ PARITY_TOLERANCE = 1e-4
 OPSET = 17  # LayerNormalization is one node from opset 17 (TensorRT keeps it in FP32 cleanly)
 
 
-TRAINING_KEYS = ("epochs", "batch_size", "accum_steps", "lr", "layer_decay", "weight_decay", "warmup_epochs", "loss",
-                 "pos_weight", "sampler", "amp", "seed", "temperature", "alpha")
+TRAINING_KEYS = ("recipe", "epochs", "batch_size", "accum_steps", "lr", "layer_decay", "weight_decay", "warmup_epochs",
+                 "loss", "pos_weight", "sampler", "amp", "seed", "temperature", "alpha", "img_size", "frozen_blocks",
+                 "views", "other_views", "strength", "folds", "probe_epochs", "probe_lr", "ema_decay", "drop_path")
 
 
 def describe_split(cfg: dict) -> str:
+    if cfg.get("test_data"):
+        return (f"patient-wise: test = {cfg.get('test_fraction', 0.3):.0%} of the patients of {cfg['test_data']} "
+                f"(their images from it only), seed {cfg['split_seed']}; no image of a test patient is trained on")
     if cfg.get("test_list"):
         return (f"official test list {Path(cfg['test_list']).name}; validation {cfg.get('val_fraction', 0.1):.0%} of "
                 f"the train_val patients, seed {cfg['split_seed']}")
@@ -106,16 +110,19 @@ def package_manifest(cfg: dict, params: PreprocessParams, model, calibration: di
         "format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
         "name": name, "version": version, "description": description,
         "labels": list(LABELS),
-        "architecture": {"timm_name": cfg["arch"], "img_size": params.size, "in_chans": params.channels,
+        "architecture": {"timm_name": cfg["arch"], **({"timm_kwargs": cfg["model_kwargs"]} if cfg.get("model_kwargs") else {}),
+                         "img_size": params.size, "in_chans": params.channels,
                          "num_classes": len(LABELS), "parameters": sum(p.numel() for p in model.parameters())},
         "preprocessing": params.to_manifest(),
         "calibration": {"method": "temperature", "temperatures": calibration["temperatures"],
-                        "fitted_on": f"validation split ({calibration['validation']['n']} images)",
+                        "fitted_on": calibration["validation"].get("described")
+                                     or f"validation split ({calibration['validation']['n']} images)",
                         "positives": calibration["validation"]["positives"],
                         "temperature_fitted": calibration["validation"]["temperature_fitted"],
                         **calibration["validation"]["report"]},
         "thresholds": {"policy": calibration["threshold_policy"], "values": calibration["thresholds"],
-                       "chosen_on": "validation split"},
+                       "chosen_on": calibration["validation"].get("described") or "validation split",
+                       **({"operating_points": calibration["operating_points"]} if "operating_points" in calibration else {})},
         "metrics": {"test": calibration["test"], "best_val_mean_auroc": history["best_val_mean_auroc"]},
         "artifacts": {},
         "provenance": {

@@ -49,11 +49,13 @@ def adapt_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module) -> di
     return out
 
 
-def create_model(arch: str, num_classes: int, in_chans: int, img_size: int, init: str | Path | None = None):
+def create_model(arch: str, num_classes: int, in_chans: int, img_size: int, init: str | Path | None = None,
+                 **model_kwargs):
+    """model_kwargs: more timm arguments (e.g. global_pool), as a run's config.json records them."""
     import timm
 
     kwargs = {"img_size": img_size} if "vit" in arch or "deit" in arch else {}
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs, **model_kwargs)
     if init:
         state = adapt_to_model(load_state_dict_file(init), model)
         result = model.load_state_dict(state, strict=False)
@@ -83,6 +85,6 @@ def load_run_model(run_dir: str | Path):
 
     run_dir = Path(run_dir)
     cfg, params = read_run_config(run_dir)
-    model = create_model(cfg["arch"], len(LABELS), params.channels, params.size)
+    model = create_model(cfg["arch"], len(LABELS), params.channels, params.size, **cfg.get("model_kwargs", {}))
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     return model.eval(), cfg, params
