@@ -64,6 +64,12 @@ def test_samples_with_bundled_model(tmp_path):
     assert sorted(line["input"] for line in lines) == [line["input"] for line in lines]
     assert {line["status"] for line in lines} == {"ok"}
     assert not list(out.rglob("*.part")), "temp files left behind"
+    # What a new user sees (issue #12): the bundled model's operating points do not flag most
+    # findings on every image. Every finding carries its operating point from the manifest.
+    flagged = [set(r["positive_findings"]) for r in records.values()]
+    assert not set.intersection(*flagged), "a finding flagged on every sample"
+    assert sum(map(len, flagged)) / len(flagged) <= 3.0, flagged
+    assert all(f["operating_point"]["policy"] for r in records.values() for f in r["findings"])
 
 
 def test_mixed_folder_reports_each_bad_file(tmp_path):

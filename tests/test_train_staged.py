@@ -76,10 +76,14 @@ def test_staged_teacher_and_student_runs_calibrate_and_export(tmp_path):
     assert views["logits"].shape == (241, 2, 15)
 
     _ok(_train("calibrate", student, "--policy", "specificity:0.9"))
-    _ok(_train("export", student, "--out", package, "--name", "tiny-staged-student"))
+    _ok(_train("calibrate", teacher))
+    _ok(_train("export", student, "--out", package, "--name", "tiny-staged-student", "--candidate", teacher))
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["architecture"]["timm_kwargs"] == {"global_pool": "avg", "fc_norm": False}
     assert "out-of-fold" in manifest["thresholds"]["chosen_on"]
     assert len(manifest["thresholds"]["operating_points"]) == 15
     assert manifest["metrics"]["test"]["mean_auroc_ci95"][0] <= manifest["metrics"]["test"]["mean_auroc"]
     assert manifest["provenance"]["training"]["recipe"] == "staged"
+    shipped, other = manifest["provenance"]["candidates"]  # the manifest names both, and what each scored
+    assert (shipped["run"], shipped["img_size"], other["run"], other["img_size"]) == ("student", 28, "teacher", 56)
+    assert shipped["distilled_from"] == str(teacher) and "mean_auroc_ci95" in other["test"]

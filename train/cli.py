@@ -192,9 +192,13 @@ def evaluate(model_path, data, split, split_seed, precision, resamples, workers,
 @click.option("--name", default="cxr-edge-model", show_default=True)
 @click.option("--version", "version", default="0.1.0", show_default=True)
 @click.option("--description", default="", help="Free text stored in the manifest.")
-def export(run_dir: str, out: str, name: str, version: str, description: str) -> None:
+@click.option("--candidate", "candidates", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Another calibrated run this one was chosen over (e.g. the teacher): the manifest names "
+                   "both, how each was made and what each scored. Repeatable.")
+def export(run_dir: str, out: str, name: str, version: str, description: str, candidates: tuple[str, ...]) -> None:
     """Export ONNX (dynamic batch) + manifest; fails if ONNX Runtime drifts from torch."""
-    from .export import export_package
+    from .export import export_package, run_summary
 
-    package = export_package(run_dir, out, name, version, description)
+    extra = {"candidates": [run_summary(r) for r in (run_dir, *candidates)]} if candidates else None
+    package = export_package(run_dir, out, name, version, description, extra=extra)
     click.echo(f"wrote {package.root} (parity {package.section('export')['parity_vs_torch']})")

@@ -54,6 +54,26 @@ def parity_tensors(cfg: dict, params: PreprocessParams, count: int) -> np.ndarra
     return decoded.images
 
 
+def run_summary(run_dir: str | Path) -> dict:
+    """How a calibrated run was made and what it scored on its test split: for a manifest that
+    names the runs it was chosen among."""
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    calibration = json.loads((run_dir / "calibration.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    test = calibration["test"]
+    return {
+        "run": run_dir.name, "model_sha256": sha256_file(run_dir / "model.safetensors"),
+        "arch": cfg["arch"], "img_size": cfg["preprocessing"]["size"],
+        "distilled_from": (cfg.get("distilled_from") or {}).get("run"),
+        "training": {k: cfg[k] for k in TRAINING_KEYS if k in cfg},
+        "validation_mean_auroc": history.get("best_val_mean_auroc"), "validation": calibration["validation"].get("described"),
+        "test": {k: test[k] for k in ("n", "mean_auroc", "mean_auroc_ci95", "mean_sensitivity", "mean_specificity",
+                                      "flagged_per_image", "true_per_image") if k in test},
+        "threshold_policy": calibration["threshold_policy"],
+    }
+
+
 def export_onnx(model, params: PreprocessParams, path: Path) -> None:
     dummy = torch.zeros(2, params.channels, params.size, params.size)
     atomic_write(path, lambda f: torch.onnx.export(

@@ -112,7 +112,10 @@ def staged(cfg: StagedConfig) -> Path:
     base = create_model(cfg.arch, len(LABELS), params.channels, cfg.img_size, cfg.init, **MODEL_KWARGS,
                         drop_path_rate=cfg.drop_path)
     views = encode(cfg, params, base, decoded, counts, is_test, is_target)
-    teacher = teacher_view_logits(cfg, views) if cfg.teacher else None
+    teacher = None
+    if cfg.teacher:
+        teacher = teacher_view_logits(cfg, views)
+        start_from_teacher_top(base, cfg)
     features = probe_features(base, views, cfg)  # the pretrained top's: the same for every fold
     history = {"folds": [], "final": None}
 
@@ -125,6 +128,8 @@ def staged(cfg: StagedConfig) -> Path:
         model, fold_history = train_model(base, views, rows, cfg, teacher, features, f"fold {fold + 1}/{cfg.folds}")
         oof[fold_of == fold] = predict(model, views.tokens, held, cfg.frozen_blocks)
         fold_history["held_out_mean_auroc"] = _mean_auroc(views.labels[held], oof[fold_of == fold])
+        log.info("fold %d/%d: mean AUROC %.4f on its %d held-out images", fold + 1, cfg.folds,
+                 fold_history["held_out_mean_auroc"], len(held))
         history["folds"].append(fold_history)
     oof_auroc = _mean_auroc(views.labels[views.target], oof)
     log.info("out-of-fold mean AUROC %.4f on %d target-domain training images", oof_auroc, len(views.target))
@@ -177,6 +182,21 @@ def encode(cfg: StagedConfig, params: PreprocessParams, base, decoded, counts: n
     records = decoded.records
     return Views(records, labels_of(records), counts, tokens, np.flatnonzero(~is_test), np.flatnonzero(is_test),
                  np.flatnonzero(~is_test & is_target))
+
+
+def start_from_teacher_top(base, cfg: StagedConfig) -> None:
+    """A student of the teacher's architecture starts its trained blocks, norm and head from the
+    teacher's (the frozen trunk, position embeddings included, stays the pretrained one)."""
+    from safetensors.torch import load_file
+
+    teacher_cfg = json.loads((Path(cfg.teacher) / "config.json").read_text())
+    if teacher_cfg["arch"] != cfg.arch:
+        log.info("student starts from its initial weights (the teacher is a %s)", teacher_cfg["arch"])
+        return
+    top = tuple(f"blocks.{i}." for i in range(cfg.frozen_blocks, len(base.blocks))) + ("norm.", "fc_norm.", "head.")
+    state = {k: v for k, v in load_file(str(Path(cfg.teacher) / "model.safetensors")).items() if k.startswith(top)}
+    base.load_state_dict(state, strict=False)
+    log.info("student's top blocks and head start from the teacher's (%d tensors)", len(state))
 
 
 def teacher_view_logits(cfg: StagedConfig, views: Views) -> np.ndarray:
