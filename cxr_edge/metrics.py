@@ -40,12 +40,38 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray, low: float = 0.05, h
 
     NLL is convex in 1/T, so it is unimodal in log T and the search finds the optimum.
     """
+    return fit_temperature_and_shift(labels, logits, low, high, shift=False)[0]
+
+
+def best_shift(labels: np.ndarray, scaled: np.ndarray) -> float:
+    """The b minimising NLL of sigmoid(scaled + b) (convex in b: Newton's method)."""
+    b = 0.0
+    for _ in range(50):
+        p = 1.0 / (1.0 + np.exp(-np.clip(scaled + b, -40, 40)))
+        step = np.mean(p - labels) / max(np.mean(p * (1 - p)), 1e-12)
+        b -= float(np.clip(step, -5, 5))
+        if abs(step) < 1e-10:
+            break
+    return b
+
+
+def fit_temperature_and_shift(labels: np.ndarray, logits: np.ndarray, low: float = 0.05, high: float = 20.0,
+                              shift: bool = True) -> tuple[float, float]:
+    """(T, s) minimising NLL of sigmoid((logit + s) / T) for one class: Platt scaling written as a
+    logit shift (which can be folded into the model's bias) and a temperature. shift=False: s = 0.
+
+    Golden section on log T of the NLL minimised over the bias (logistic regression is convex in
+    (1/T, bias), so that profile is unimodal in log T)."""
     y, z = np.asarray(labels, np.float64), np.asarray(logits, np.float64)
     if y.min() == y.max():
-        return 1.0  # one class only: nothing to calibrate against
+        return 1.0, 0.0  # one class only: nothing to calibrate against
     a, b = np.log(low), np.log(high)
     ratio = (np.sqrt(5.0) - 1.0) / 2.0
-    loss = lambda log_t: binary_nll(y, z / np.exp(log_t))  # noqa: E731
+
+    def loss(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        return binary_nll(y, scaled + (best_shift(y, scaled) if shift else 0.0))
+
     c, d = b - ratio * (b - a), a + ratio * (b - a)
     fc, fd = loss(c), loss(d)
     for _ in range(80):
@@ -57,11 +83,9 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray, low: float = 0.05, h
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = loss(d)
-    return float(np.exp((a + b) / 2.0))
-
-
-def fit_temperatures(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    return np.array([fit_temperature(labels[:, c], logits[:, c]) for c in range(labels.shape[1])])
+    temperature = float(np.exp((a + b) / 2.0))
+    bias = best_shift(y, z / temperature) if shift else 0.0
+    return temperature, bias * temperature  # sigmoid(z / T + bias) = sigmoid((z + bias * T) / T)
 
 
 def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -123,14 +147,17 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float(ece)
 
 
-def calibration_report(labels: np.ndarray, logits: np.ndarray, temperatures: np.ndarray) -> dict:
-    """NLL, 15-bin ECE and Brier before (T = 1) and after temperature scaling, per class and mean."""
+def calibration_report(labels: np.ndarray, logits: np.ndarray, temperatures: np.ndarray,
+                       shifts: np.ndarray | None = None) -> dict:
+    """NLL, 15-bin ECE and Brier before (T = 1) and after calibration (sigmoid((logit + shift) / T)),
+    per class and mean."""
     before = sigmoid(logits)
-    after = sigmoid(logits / temperatures)
+    calibrated = (logits + (0.0 if shifts is None else shifts)) / temperatures
+    after = sigmoid(calibrated)
     n = labels.shape[1]
     report = {
         "nll_before": [binary_nll(labels[:, c], logits[:, c]) for c in range(n)],
-        "nll_after": [binary_nll(labels[:, c], logits[:, c] / temperatures[c]) for c in range(n)],
+        "nll_after": [binary_nll(labels[:, c], calibrated[:, c]) for c in range(n)],
         "ece_before": [expected_calibration_error(labels[:, c], before[:, c]) for c in range(n)],
         "ece_after": [expected_calibration_error(labels[:, c], after[:, c]) for c in range(n)],
         "brier_before": [brier_score(labels[:, c], before[:, c]) for c in range(n)],

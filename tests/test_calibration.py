@@ -38,6 +38,18 @@ def test_temperature_scaling_lowers_nll_and_finds_the_sharpening():
     assert r["mean"]["brier_after"] < r["mean"]["brier_before"]
 
 
+def test_logit_shift_undoes_a_biased_model_that_a_temperature_cannot():
+    """A model trained with pos_weight has its logits shifted up: Platt scaling written as a
+    shift (folded into the head's bias at export) and a temperature recovers both."""
+    labels, logits = _overconfident()  # sigmoid(logits / 3) is calibrated
+    biased = logits + 2.0
+    temperature_only, with_shift = fit_calibration(labels, biased), fit_calibration(labels, biased, shift=True)
+    assert all(-2.6 < s < -1.4 for s in with_shift["logit_shifts"]), with_shift["logit_shifts"]
+    assert all(2.0 < t < 4.5 for t in with_shift["temperatures"])
+    assert temperature_only["logit_shifts"] == [0.0] * 15
+    assert with_shift["report"]["mean"]["ece_after"] < 0.5 * temperature_only["report"]["mean"]["ece_after"]
+
+
 def test_rare_class_keeps_temperature_one():
     labels, logits = _overconfident()
     labels[:, 7] = 0

@@ -84,6 +84,8 @@ def test_staged_teacher_and_student_runs_calibrate_and_export(tmp_path):
     assert len(manifest["thresholds"]["operating_points"]) == 15
     assert manifest["metrics"]["test"]["mean_auroc_ci95"][0] <= manifest["metrics"]["test"]["mean_auroc"]
     assert manifest["provenance"]["training"]["recipe"] == "staged"
+    shifts = json.loads((student / "calibration.json").read_text())["logit_shifts"]
+    assert manifest["calibration"].get("logit_shifts_in_model", [0.0] * 15) == shifts  # Platt, folded into the head
     shipped, other = manifest["provenance"]["candidates"]  # the manifest names both, and what each scored
     assert (shipped["run"], shipped["img_size"], other["run"], other["img_size"]) == ("student", 28, "teacher", 56)
     assert shipped["distilled_from"] == str(teacher) and "mean_auroc_ci95" in other["test"]

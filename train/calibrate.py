@@ -15,15 +15,20 @@ from cxr_edge.operating_points import DEFAULT_POLICY
 
 
 def calibrate_run(run_dir: str | Path, policy: str = DEFAULT_POLICY) -> dict:
-    """Fit on validation, report on test; writes RUN/calibration.json (export puts it in the manifest)."""
+    """Fit on validation, report on test; writes RUN/calibration.json (export puts it in the manifest).
+
+    Temperature and logit shift per class (Platt scaling; export folds the shifts into the head's
+    bias): a model trained with pos_weight has every logit shifted up, which a temperature alone
+    cannot undo."""
     run_dir = Path(run_dir)
     val, test = np.load(run_dir / "logits_val.npz"), np.load(run_dir / "logits_test.npz")
-    fit = fit_calibration(val["labels"], val["logits"], policy)
+    fit = fit_calibration(val["labels"], val["logits"], policy, shift=True)
     temperatures, thresholds = np.asarray(fit["temperatures"]), np.asarray(fit["thresholds"])
+    shifts = np.asarray(fit["logit_shifts"])
     test_auroc = per_class_auroc(test["labels"], test["logits"])
     findings = np.array([label != NO_FINDING for label in LABELS])
-    decided = decision_report(test["labels"], sigmoid(test["logits"] / temperatures), thresholds, findings)
-    on_val = decision_report(val["labels"], sigmoid(val["logits"] / temperatures), thresholds, findings)
+    decided = decision_report(test["labels"], sigmoid((test["logits"] + shifts) / temperatures), thresholds, findings)
+    on_val = decision_report(val["labels"], sigmoid((val["logits"] + shifts) / temperatures), thresholds, findings)
     low, high = bootstrap_mean_auroc_ci(test["labels"], test["logits"], resamples=1000)
     nan_none = lambda values: {k: (None if np.isnan(v) else round(float(v), 4)) for k, v in zip(LABELS, values)}  # noqa: E731
     result = {
@@ -31,8 +36,9 @@ def calibrate_run(run_dir: str | Path, policy: str = DEFAULT_POLICY) -> dict:
         "thresholds": fit["thresholds"],
         "threshold_policy": fit["threshold_policy"],
         "operating_points": fit["operating_points"],
+        "logit_shifts": fit["logit_shifts"],
         "validation": {k: v for k, v in fit.items()
-                       if k not in ("temperatures", "thresholds", "threshold_policy", "operating_points")}
+                       if k not in ("temperatures", "thresholds", "threshold_policy", "operating_points", "logit_shifts")}
         | {"described": _validation_text(run_dir, len(val["labels"]))} | _decisions(on_val),
         "test": {
             "n": int(len(test["labels"])),
@@ -43,7 +49,7 @@ def calibrate_run(run_dir: str | Path, policy: str = DEFAULT_POLICY) -> dict:
             "sensitivity_at_threshold": nan_none(decided["sensitivity"]),
             "specificity_at_threshold": nan_none(decided["specificity"]),
             **_decisions(decided),
-            "calibration": calibration_report(test["labels"], test["logits"], temperatures)["mean"],
+            "calibration": calibration_report(test["labels"], test["logits"], temperatures, shifts)["mean"],
         },
     }
     atomic_write_json(run_dir / "calibration.json", result)

@@ -135,6 +135,10 @@ def package_manifest(cfg: dict, params: PreprocessParams, model, calibration: di
                          "num_classes": len(LABELS), "parameters": sum(p.numel() for p in model.parameters())},
         "preprocessing": params.to_manifest(),
         "calibration": {"method": "temperature", "temperatures": calibration["temperatures"],
+                        **({"logit_shifts_in_model": calibration["logit_shifts"],
+                            "note": "Platt scaling: the per-class logit shifts are folded into the head's bias, "
+                                    "the runtime divides by the temperatures"}
+                           if any(calibration.get("logit_shifts") or []) else {}),
                         "fitted_on": calibration["validation"].get("described")
                                      or f"validation split ({calibration['validation']['n']} images)",
                         "positives": calibration["validation"]["positives"],

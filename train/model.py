@@ -78,7 +78,11 @@ def read_run_config(run_dir: str | Path):
 
 
 def load_run_model(run_dir: str | Path):
-    """A run folder's model (config.json + model.safetensors), in eval mode, with its preprocessing."""
+    """A run folder's model (config.json + model.safetensors), in eval mode, with its preprocessing.
+
+    A calibrated run (calibration.json with `logit_shifts`) comes with the shifts added to its
+    classifier's bias, so its logits are the ones its temperatures and thresholds were fitted for
+    (and the exported ONNX model, which the runtime only divides by T, is that model)."""
     from safetensors.torch import load_file
 
     from cxr_edge.labels import LABELS
@@ -87,4 +91,21 @@ def load_run_model(run_dir: str | Path):
     cfg, params = read_run_config(run_dir)
     model = create_model(cfg["arch"], len(LABELS), params.channels, params.size, **cfg.get("model_kwargs", {}))
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    calibration = run_dir / "calibration.json"
+    if calibration.is_file():
+        import json
+
+        shifts = json.loads(calibration.read_text()).get("logit_shifts")
+        if shifts and any(shifts):
+            add_logit_shifts(model, shifts)
     return model.eval(), cfg, params
+
+
+def add_logit_shifts(model, shifts) -> None:
+    """Add per-class shifts to every classifier's bias (DeiT's two heads each: it averages them)."""
+    heads = model.get_classifier()
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        if not isinstance(head, torch.nn.Linear) or head.bias is None:
+            raise ValueError(f"cannot fold logit shifts into a {type(head).__name__} classifier")
+        with torch.no_grad():
+            head.bias += torch.as_tensor(shifts, dtype=head.bias.dtype)

@@ -8,8 +8,11 @@
 4. Out-of-fold predictions: the same recipe in K folds over the target-domain training images
    (the full-resolution set) gives every one of them a prediction from a model that did not see
    it: `logits_val.npz`, what the operating points are chosen on.
-5. The final model trains on all training images. Its logits on every view are saved, so a
-   student (`--teacher`) learns the teacher's outputs on exactly the same views at its own size.
+5. The final model trains on all training images. Its logits and every fold model's on every
+   view are saved, so a student (`--teacher`) learns the teacher's outputs on exactly the same
+   views at its own size, each of its folds from the teacher's model of that fold (the final
+   teacher has seen the held-out images' labels: distilling it would leak them into the
+   student's out-of-fold predictions).
 
 The run folder looks like a finetune run: calibrate / evaluate / export take it unchanged.
 """
@@ -122,10 +125,19 @@ def staged(cfg: StagedConfig) -> Path:
     started = time.perf_counter()
     oof = np.zeros((len(views.target), len(LABELS)), np.float32)
     fold_of = np.random.default_rng(cfg.seed).permutation(len(views.target)) % cfg.folds
+    fold_logits = np.zeros((cfg.folds, *views_logits_shape(views)), np.float32)
+    held_out_fold = np.full(len(views.records), -1)
+    held_out_fold[views.target] = fold_of
+    if teacher is not None and not np.array_equal(teacher.held_out_fold, held_out_fold):
+        raise ValueError(f"{cfg.teacher}: the teacher's folds hold out other images than this run's")
     for fold in range(cfg.folds):
         held = views.target[fold_of == fold]
         rows = np.setdiff1d(views.train, held)
-        model, fold_history = train_model(base, views, rows, cfg, teacher, features, f"fold {fold + 1}/{cfg.folds}")
+        # A student's fold learns from the teacher's model of the same fold: the teacher's final
+        # model has seen the held-out images' labels, and would leak them into the estimate.
+        fold_teacher = teacher.folds[fold] if teacher is not None else None
+        model, fold_history = train_model(base, views, rows, cfg, fold_teacher, features, f"fold {fold + 1}/{cfg.folds}")
+        fold_logits[fold] = every_view_logits(model, views, cfg.frozen_blocks)
         oof[fold_of == fold] = predict(model, views.tokens, held, cfg.frozen_blocks)
         fold_history["held_out_mean_auroc"] = _mean_auroc(views.labels[held], oof[fold_of == fold])
         log.info("fold %d/%d: mean AUROC %.4f on its %d held-out images", fold + 1, cfg.folds,
@@ -134,12 +146,13 @@ def staged(cfg: StagedConfig) -> Path:
     oof_auroc = _mean_auroc(views.labels[views.target], oof)
     log.info("out-of-fold mean AUROC %.4f on %d target-domain training images", oof_auroc, len(views.target))
 
-    model, history["final"] = train_model(base, views, views.train, cfg, teacher, features, "final")
+    model, history["final"] = train_model(base, views, views.train, cfg, teacher.final if teacher is not None else None,
+                                          features, "final")
     test_logits = predict(model, views.tokens, views.test, cfg.frozen_blocks)
     history |= {"best_val_mean_auroc": oof_auroc, "validation": f"{cfg.folds}-fold out-of-fold predictions",
                 "test_mean_auroc": _mean_auroc(views.labels[views.test], test_logits),
                 "seconds": round(time.perf_counter() - started, 1), "epochs": history["final"]["epochs"]}
-    save(model, views, oof, test_logits, cfg, params, history, out)
+    save(model, views, oof, test_logits, fold_logits, held_out_fold, cfg, params, history, out)
     log.info("test mean AUROC %.4f on %d images; run saved in %s", history["test_mean_auroc"], len(views.test), out)
     return out
 
@@ -199,13 +212,37 @@ def start_from_teacher_top(base, cfg: StagedConfig) -> None:
     log.info("student's top blocks and head start from the teacher's (%d tensors)", len(state))
 
 
-def teacher_view_logits(cfg: StagedConfig, views: Views) -> np.ndarray:
+@dataclass
+class TeacherLogits:
+    final: np.ndarray  # [N, views, C]: the teacher's final model on every view of every image
+    folds: np.ndarray  # [folds, N, views, C]: each fold's model on the same
+    held_out_fold: np.ndarray  # [N]: the fold that held the image out (-1: trained on in every fold)
+
+
+def teacher_view_logits(cfg: StagedConfig, views: Views) -> TeacherLogits:
     saved = np.load(Path(cfg.teacher) / VIEW_LOGITS)
+    if "fold_logits" not in saved or len(saved["fold_logits"]) != cfg.folds:
+        raise ValueError(f"{cfg.teacher}: no per-fold teacher logits for {cfg.folds} folds (a run made before "
+                         "students learned each fold from the teacher's fold: train the teacher again)")
     row_of = {path: i for i, path in enumerate(saved["paths"].tolist())}
     missing = [r.path for r in views.records if str(r.path) not in row_of]
     if missing:
         raise ValueError(f"{cfg.teacher}: no teacher logits for {len(missing)} images (e.g. {missing[0]})")
-    return saved["logits"][[row_of[str(r.path)] for r in views.records]]
+    rows = [row_of[str(r.path)] for r in views.records]
+    return TeacherLogits(saved["logits"][rows], saved["fold_logits"][:, rows], saved["held_out_fold"][rows])
+
+
+def views_logits_shape(views: Views) -> tuple[int, int, int]:
+    return len(views.records), views.tokens.shape[1], len(LABELS)
+
+
+def every_view_logits(model, views: Views, frozen_blocks: int) -> np.ndarray:
+    """The model's logits on every view of every image [N, views, C] (zeros past an image's views)."""
+    out = np.zeros(views_logits_shape(views), np.float32)
+    for view in range(views.tokens.shape[1]):
+        rows = np.flatnonzero(views.views > view)
+        out[rows, view] = predict(model, views.tokens, rows, frozen_blocks, view)
+    return out
 
 
 def train_model(base, views: Views, rows: np.ndarray, cfg: StagedConfig, teacher: np.ndarray | None,
@@ -317,8 +354,8 @@ def predict(model, tokens: np.ndarray, rows: np.ndarray, frozen_blocks: int, vie
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
 
-def save(model, views: Views, oof: np.ndarray, test_logits: np.ndarray, cfg: StagedConfig, params: PreprocessParams,
-         history: dict, out: Path) -> None:
+def save(model, views: Views, oof: np.ndarray, test_logits: np.ndarray, fold_logits: np.ndarray,
+         held_out_fold: np.ndarray, cfg: StagedConfig, params: PreprocessParams, history: dict, out: Path) -> None:
     from safetensors.torch import save as to_bytes
 
     from .finetune import save_npz
@@ -326,11 +363,9 @@ def save(model, views: Views, oof: np.ndarray, test_logits: np.ndarray, cfg: Sta
     atomic_write(out / "model.safetensors", to_bytes({k: v.contiguous() for k, v in model.state_dict().items()}))
     save_npz(out / "logits_val.npz", logits=oof, labels=views.labels[views.target])
     save_npz(out / "logits_test.npz", logits=test_logits, labels=views.labels[views.test])
-    every = np.zeros((len(views.records), views.tokens.shape[1], len(LABELS)), np.float32)
-    for view in range(views.tokens.shape[1]):
-        rows = np.flatnonzero(views.views > view)
-        every[rows, view] = predict(model, views.tokens, rows, cfg.frozen_blocks, view)
-    save_npz(out / VIEW_LOGITS, paths=np.array([str(r.path) for r in views.records]), logits=every)
+    save_npz(out / VIEW_LOGITS, paths=np.array([str(r.path) for r in views.records]),
+             logits=every_view_logits(model, views, cfg.frozen_blocks), fold_logits=fold_logits,
+             held_out_fold=held_out_fold)
     config = json.loads(json.dumps(asdict(cfg))) | {
         "recipe": "staged", "model_kwargs": MODEL_KWARGS, "preprocessing": params.to_manifest(),
         "validation": f"{cfg.folds}-fold out-of-fold predictions on {len(views.target)} training images of "
