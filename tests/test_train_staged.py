@@ -73,7 +73,10 @@ def test_staged_teacher_and_student_runs_calibrate_and_export(tmp_path):
     assert student_config["distilled_from"]["run"] == str(teacher)
     assert json.loads((student / "split.json").read_text())["test"] == split["test"]
     views = np.load(student / "view_logits.npz")
-    assert views["logits"].shape == (241, 2, 15)
+    assert views["logits"].shape == (241, 2, 15) and views["fold_logits"].shape == (2, 241, 2, 15)
+    teacher_views = np.load(teacher / "view_logits.npz")
+    assert (views["held_out_fold"] == teacher_views["held_out_fold"]).all()  # the student's folds are the teacher's
+    assert sorted(set(teacher_views["held_out_fold"].tolist())) == [-1, 0, 1]
 
     _ok(_train("calibrate", student, "--policy", "specificity:0.9"))
     _ok(_train("calibrate", teacher))
