@@ -47,7 +47,10 @@ class Policy:
         raise ValueError(f"threshold policy {text!r}: expected {POLICY_HELP}")
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.target:.2f}" if self.target is not None else self.name
+        if self.target is None:
+            return self.name
+        two_places = abs(self.target * 100 - round(self.target * 100)) < 1e-9
+        return f"{self.name}:{self.target:.2f}" if two_places else f"{self.name}:{self.target:g}"  # 0.90, 0.925
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,11 @@ def test_prevalence_threshold_edges():
     assert prevalence_threshold(p, 10) == 0.1  # everything
 
 
+def test_policy_names_keep_their_target():
+    assert [str(Policy.parse(t)) for t in ("specificity:0.9", "SENSITIVITY:.925", " f1 ")] == \
+        ["specificity:0.90", "sensitivity:0.925", "f1"]
+
+
 @pytest.mark.parametrize("text", ["youdens", "sensitivity", "sensitivity:1.5", "specificity:abc", "", "specificity:1",
                                   "sensitivity:0"])
 def test_bad_policy_is_refused(text):
