@@ -47,7 +47,8 @@ def load_model(package):
 
     arch = package.section("architecture")
     model = timm.create_model(arch["timm_name"], pretrained=False, img_size=arch["img_size"],
-                              in_chans=arch["in_chans"], num_classes=arch["num_classes"])
+                              in_chans=arch["in_chans"], num_classes=arch["num_classes"],
+                              **arch.get("timm_kwargs", {}))  # e.g. global_pool="avg", as it was trained
     state = timm_state_dict_from_onnx(package.read_verified("fp32"))
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     return model.eval()
