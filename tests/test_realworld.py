@@ -147,8 +147,11 @@ def test_infer_over_the_corpus(built, tmp_path):
         assert "sr_error" not in record, (name, record.get("sr_error"))
         sr = pydicom.dcmread(sr_path)
         found = read_sr_findings(sr)
-        assert {label: round(p, 6) for label, (p, _) in found.items()} == \
-            {f["label"]: f["probability"] for f in record["findings"] + [record["no_finding"]]}
+        # the SR shows three decimals: the JSON's (six) rounded, give or take the double rounding
+        assert found.keys() == {f["label"] for f in record["findings"] + [record["no_finding"]]}
+        for f in record["findings"] + [record["no_finding"]]:
+            assert abs(found[f["label"]][0] - f["probability"]) <= 5e-4 + 1e-6, (name, f["label"])
+            assert found[f["label"]][1] == f["positive"], (name, f["label"])
         source = pydicom.dcmread(folder / name, stop_before_pixels=True, force=True)
         if name.startswith("charset_"):  # the characters read back unchanged
             assert str(sr.PatientName) == str(source.PatientName), name

@@ -244,7 +244,7 @@ def test_whole_chain_finetune_calibrate_distill_evaluate_export_infer(tmp_path):
     # temperature scaling minimises validation NLL: per class it cannot make it worse
     assert all(a <= b + 1e-9 for a, b in zip(report["nll_after"], report["nll_before"]))
     assert {"ece_before", "ece_after", "brier_before", "brier_after"} <= set(report["mean"])
-    assert calibration["threshold_policy"] == "sensitivity:0.8"
+    assert calibration["threshold_policy"] == "sensitivity:0.80"
 
     # DeiT student: class token learns the labels, distillation token the teacher
     proc = _ok(_train("distill", "--teacher", teacher, "--out", student, "--arch", "deit_tiny_distilled_patch16_224",
