@@ -119,7 +119,7 @@ def staged(cfg: StagedConfig) -> Path:
     if cfg.teacher:
         teacher = teacher_view_logits(cfg, views)
         start_from_teacher_top(base, cfg)
-    features = probe_features(base, views, cfg)  # the pretrained top's: the same for every fold
+    features = probe_features(base, views, cfg)  # of the top every fold starts from: computed once
     history = {"folds": [], "final": None}
 
     started = time.perf_counter()
@@ -298,7 +298,8 @@ def train_model(base, views: Views, rows: np.ndarray, cfg: StagedConfig, teacher
 
 @torch.no_grad()
 def probe_features(base, views: Views, cfg: StagedConfig) -> torch.Tensor:
-    """Pooled features [N, views, D] of the pretrained top on every training view (zeros elsewhere)."""
+    """Pooled features [N, views, D] of the starting top (pretrained, or a student's teacher's) on every
+    training view (zeros elsewhere)."""
     base.eval()
     out = torch.zeros(len(views.records), views.tokens.shape[1], base.num_features)
     for view in range(views.tokens.shape[1]):
