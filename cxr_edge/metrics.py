@@ -35,14 +35,6 @@ def binary_nll(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
-    """The T > 0 minimising NLL of sigmoid(logit / T) for one class (golden section on log T).
-
-    NLL is convex in 1/T, so it is unimodal in log T and the search finds the optimum.
-    """
-    return fit_temperature_and_shift(labels, logits, low, high, shift=False)[0]
-
-
 def best_shift(labels: np.ndarray, scaled: np.ndarray) -> float:
     """The b minimising NLL of sigmoid(scaled + b) (convex in b: Newton's method)."""
     b = 0.0

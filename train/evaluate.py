@@ -16,9 +16,9 @@ import numpy as np
 
 from cxr_edge.atomic import atomic_write, atomic_write_json
 from cxr_edge.findings import sigmoid
-from cxr_edge.labels import LABELS
+from cxr_edge.labels import LABELS, NO_FINDING
 from cxr_edge.metrics import (
-    auroc, average_precision, bootstrap_auroc_ci, brier_score, expected_calibration_error, roc_curve,
+    auroc, average_precision, bootstrap_auroc_ci, brier_score, decision_report, expected_calibration_error, roc_curve,
 )
 
 from .data import Split, SplitSpec, labels_of
@@ -34,14 +34,12 @@ def _round(value) -> float | None:
 def metrics_report(labels: np.ndarray, logits: np.ndarray, temperatures: np.ndarray, thresholds: np.ndarray,
                    resamples: int = 1000, seed: int = 0) -> dict:
     probabilities = sigmoid(logits / temperatures)
-    decisions = probabilities >= thresholds
+    decided = decision_report(labels, probabilities, thresholds, np.array([label != NO_FINDING for label in LABELS]))
     per_class = {}
     for c, label in enumerate(LABELS):
         y, p = labels[:, c] > 0, probabilities[:, c]
         low, high = bootstrap_auroc_ci(y, logits[:, c], resamples, seed + c)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            sensitivity = (decisions[:, c] & y).sum() / y.sum()
-            specificity = (~decisions[:, c] & ~y).sum() / (~y).sum()
+        sensitivity, specificity = decided["sensitivity"][c], decided["specificity"][c]
         per_class[label] = {
             "positives": int(y.sum()), "auroc": _round(auroc(y, logits[:, c])), "auroc_ci95": [_round(low), _round(high)],
             "average_precision": _round(average_precision(y, p)), "ece": _round(expected_calibration_error(y, p)),
