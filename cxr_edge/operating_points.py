@@ -107,7 +107,7 @@ def prevalence_threshold(probabilities: np.ndarray, positives: int) -> float:
     """The threshold that flags `positives` of these images (the highest-scored ones)."""
     p = np.sort(np.asarray(probabilities, np.float64))[::-1]
     if positives <= 0 or len(p) == 0:
-        return float(np.nextafter(p[0], 2.0)) if len(p) else 1.0  # nothing flagged
+        return _above(p[0]) if len(p) else 1.0  # nothing flagged
     return float(p[min(positives, len(p)) - 1])
 
 
@@ -127,7 +127,7 @@ def _threshold(y: np.ndarray, p: np.ndarray, policy: Policy) -> float:
     specificity = (~predicted & ~y).sum(1) / max(1, (~y).sum())
     if policy.name == "specificity":
         ok = np.flatnonzero(specificity >= policy.target)  # specificity rises with the threshold
-        return float(candidates[ok[0]]) if len(ok) else float(np.nextafter(candidates[-1], 2.0))
+        return float(candidates[ok[0]]) if len(ok) else _above(candidates[-1])
     if policy.name == "sensitivity":
         ok = np.flatnonzero(sensitivity >= policy.target)  # sensitivity falls as it rises
         return float(candidates[ok[-1]]) if len(ok) else float(candidates[0])
@@ -138,6 +138,12 @@ def _threshold(y: np.ndarray, p: np.ndarray, policy: Policy) -> float:
     if policy.name == "youden":
         return float(candidates[int(np.argmax(sensitivity + specificity - 1.0))])
     raise ValueError(f"unknown threshold policy {policy}")
+
+
+def _above(probability: float) -> float:
+    """The next threshold above a probability, kept in [0, 1] as a manifest's must be (above 1.0
+    there is none: a probability of exactly 1 is flagged at any threshold)."""
+    return float(min(np.nextafter(probability, 2.0), 1.0))
 
 
 def _maybe_float(value) -> float | None:

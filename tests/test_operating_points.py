@@ -72,6 +72,15 @@ def test_few_negatives_cannot_estimate_a_specificity():
     assert point.policy == "prevalence" and "negatives" in point.fallback
 
 
+def test_saturated_probabilities_keep_thresholds_in_range():
+    """A biased model's sigmoid can reach exactly 1.0: "just above the top score" must still be a
+    threshold a manifest accepts (<= 1), not 1.0000000000000002."""
+    y = np.zeros(50, bool)
+    p = np.ones(50)
+    assert prevalence_threshold(p, 0) == 1.0
+    assert choose(y, p, "specificity:0.9").threshold == 1.0
+
+
 def test_prevalence_threshold_edges():
     p = np.array([0.1, 0.5, 0.3])
     assert prevalence_threshold(p, 0) > 0.5  # nothing flagged
