@@ -41,6 +41,27 @@ def test_held_out_split_draws_test_patients_from_the_target_set_only(tmp_path):
     assert spec.splits() == splits  # seeded
 
 
+def test_trunk_cache_key_changes_with_an_image_on_disk(tmp_path):
+    """Cached trunk outputs are reused only for the same images: one rewritten in place (same
+    path) must not get its old outputs back."""
+    import os
+    import shutil
+
+    from cxr_edge.preprocess import PreprocessParams
+    from cxr_edge.train.staged import StagedConfig, trunk_key
+
+    images = tmp_path / "images"
+    shutil.copytree(NIH_TINY64 / "images", images)
+    records = read_nih_csv(NIH_TINY64 / "labels.csv", images)[:5]
+    cfg, params, counts = StagedConfig(), PreprocessParams(size=56, resize="pad", channels=1), np.full(5, 2)
+    before = trunk_key(cfg, params, records, counts)
+    assert trunk_key(cfg, params, records, counts) == before
+    stat = records[0].path.stat()
+    os.utime(records[0].path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert trunk_key(cfg, params, records, counts) != before
+    assert trunk_key(cfg, params, records, np.full(5, 3)) != before
+
+
 @pytest.mark.slow
 def test_staged_teacher_and_student_runs_calibrate_and_export(tmp_path):
     data = NIH_TINY64 / "labels.csv"

@@ -40,7 +40,7 @@ from .distill import soft_bce
 from .loop import make_scheduler, seed_everything
 from .losses import make_loss
 from .model import create_model
-from .tensors import cached_tensors, load_tensors
+from .tensors import cache_key, cached_tensors, load_tensors
 from .trunk import cached_encode, encode_views, top_forward, top_parameters
 
 log = logging.getLogger(__name__)
@@ -184,13 +184,18 @@ def decode(cfg: StagedConfig, params: PreprocessParams, out: Path):
     return decoded, counts, is_test, is_target
 
 
+def trunk_key(cfg: StagedConfig, params: PreprocessParams, records: list[Record], counts: np.ndarray) -> dict:
+    """What the cached trunk outputs depend on: every image (path, size, mtime: the tensor
+    cache's key), its views, the trunk's weights (--init, or the seed that drew them) and cut."""
+    return {"images": cache_key(records, params), "views": counts.tolist(), "arch": cfg.arch,
+            "init": sha256_file(cfg.init) if cfg.init else None, "frozen": cfg.frozen_blocks,
+            "seed": cfg.seed, "strength": cfg.strength}
+
+
 def encode(cfg: StagedConfig, params: PreprocessParams, base, decoded, counts: np.ndarray, is_test: np.ndarray,
            is_target: np.ndarray) -> Views:
     """The trunk outputs of `base` (the model every fold starts from) on every view."""
-    key = {"files": [str(r.path) for r in decoded.records], "views": counts.tolist(), "params": params.to_manifest(),
-           "arch": cfg.arch, "init": sha256_file(cfg.init) if cfg.init else None, "frozen": cfg.frozen_blocks,
-           "seed": cfg.seed, "strength": cfg.strength}  # no --init: the seed made the trunk's weights
-    tokens = cached_encode(cfg.cache, key, lambda: encode_views(
+    tokens = cached_encode(cfg.cache, trunk_key(cfg, params, decoded.records, counts), lambda: encode_views(
         base, cfg.frozen_blocks, decoded.images, counts, cfg.seed, cfg.strength, cfg.threads))
     records = decoded.records
     return Views(records, labels_of(records), counts, tokens, np.flatnonzero(~is_test), np.flatnonzero(is_test),
