@@ -29,7 +29,8 @@ def timm_state_dict_from_onnx(model_bytes: bytes) -> dict:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    state = {name: value for name, value in arrays.items() if not name.startswith("onnx::")}
+    # class_maps/*: what engines.class_maps added for heatmaps, not a timm parameter
+    state = {name: value for name, value in arrays.items() if not name.startswith(("onnx::", "class_maps/"))}
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in arrays or not node.input[1].startswith("onnx::"):
             continue

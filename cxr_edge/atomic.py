@@ -37,11 +37,12 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], object], *,
-                 temp_prefix: str | None = None, temp_suffix: str = ".part") -> None:
+                 temp_prefix: str | None = None, temp_suffix: str = ".part", sync_dir: bool = True) -> None:
     """Write `data` (bytes, or a function that writes to a binary file, e.g. torch.save) to
     `path` so that readers see the old file or the new one, never part of one. The temp file
     is `<temp_prefix><random><temp_suffix>` (default `.<name>.<random>.part`), created with
-    O_EXCL (never through a link someone planted)."""
+    O_EXCL (never through a link someone planted). `sync_dir=False` leaves the rename to the
+    caller's next synced write in the same folder (one folder fsync for a set of files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}." if temp_prefix is None else temp_prefix
@@ -61,7 +62,8 @@ def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], object], *
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def strict_json(obj, **kwargs) -> str:

@@ -53,11 +53,12 @@ def _reads_dicom() -> None:
 @opt.pipeline
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable run summary on stdout.")
 def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, no_sr, min_side,
-          as_json):
+          heatmaps, as_json):
     """Find chest X-ray findings in INPUTS (files or folders, recursive).
 
     Writes OUT/<input path>.json for every input (an error record if it failed), a DICOM SR
-    OUT/<input path>.sr.dcm for every DICOM input, and OUT/summary.jsonl for the run.
+    OUT/<input path>.sr.dcm for every DICOM input, a heatmap per flagged finding
+    (OUT/<input path>.heatmap.<finding>.png, and .dcm for DICOM inputs), and OUT/summary.jsonl.
     Exit status: 0 every input succeeded with all its outputs, 1 some failed or got findings
     without their SR, 2 usage or configuration error.
     """
@@ -69,7 +70,8 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
 
     _reads_dicom()
     out = Path(out_dir)
-    settings = RunSettings(model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, not no_sr, min_side)
+    settings = RunSettings(model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, not no_sr, min_side,
+                           heatmaps)
     try:
         items, skipped, package, selection = infer_run.plan(list(inputs), out, settings)
         with progress(len(items)) as on_result:
@@ -207,6 +209,34 @@ def build_engine(model_dir, out_dir, int8, fp16, calib, calib_count, holdout, ho
     sys.exit(EXIT_OK if report["passed"] else EXIT_SOME_FAILED)
 
 
+@main.command("add-class-maps")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Model package (default: the bundled demo model).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="New model package folder to write (must not exist).")
+@click.option("--version", "new_version", default=None, help="Version of the new package (default: <old>+maps).")
+def add_class_maps(model_dir, out_dir, new_version):
+    """Give a package's model a `class_maps` output, for heatmaps (`python -m train export` does it already).
+
+    Only a head that is linear on the mean of the patch tokens has exact class maps: any other
+    is refused. The new package has the FP32 model only: build FP16/INT8 again from it.
+    """
+    from .errors import CxrEdgeError
+    from .manifest import ModelPackage
+
+    try:
+        from .engines.class_maps import with_class_maps
+    except ImportError as exc:
+        raise UsageFailure(f"add-class-maps needs the `engines` extra (onnx): pip install 'cxr-edge[engines]' ({exc})")
+    try:
+        package = with_class_maps(ModelPackage.load(model_dir), out_dir, new_version)
+    except CxrEdgeError as exc:
+        raise UsageFailure(exc) from None
+    spec = package.heatmap_spec
+    click.echo(f"{package.root}: {package.name} {package.version}, class maps {spec.grid[0]}x{spec.grid[1]} "
+               f"({package.section('heatmaps').get('exact_to')} from the logits)")
+
+
 @main.command()
 @click.argument("inbox", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -224,11 +254,11 @@ def build_engine(model_dir, out_dir, int8, fp16, calib, calib_count, holdout, ho
 @click.option("--allow", "allowed", multiple=True, metavar="AE[@IP|@NET/BITS]",
               help="Who may send to the SCP (repeat): a calling AE title, from anywhere or only from an IP address "
                    "or network (PACS, PACS@10.1.2.3, MODALITY@10.1.0.0/16). Default: anyone.")
-@click.option("--send-to", default=None, metavar="AE@HOST:PORT", help="C-STORE every SR to this PACS (retried).")
+@click.option("--send-to", default=None, metavar="AE@HOST:PORT", help="C-STORE every SR and heatmap to this PACS (retried).")
 @click.option("--calling-ae", default="CXREDGE", show_default=True, help="Our AE title when sending.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Prometheus /metrics on 127.0.0.1.")
 def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, max_delay_ms, workers, threads, no_sr,
-          min_side, settle, max_attempts, disposition, processed_dir, listen, allowed, send_to, calling_ae, metrics_port):
+          min_side, heatmaps, settle, max_attempts, disposition, processed_dir, listen, allowed, send_to, calling_ae, metrics_port):
     """Watch INBOX (and optionally receive DICOM) and process every input exactly once, as a service.
 
     SIGTERM / SIGINT: finish the in-flight batch, exit 0. SIGHUP: reload the model package.
@@ -251,7 +281,7 @@ def watch(inbox, out_dir, state_dir, model_dir, backend, precision, batch_size, 
         raise UsageFailure(f"--allow {exc}") from None
     cfg = DaemonConfig(inbox=Path(inbox), out=out, state_dir=Path(state_dir) if state_dir else out / ".cxr-edge",
                        run=RunSettings(model_dir, backend, precision, batch_size, max_delay_ms, workers, threads,
-                                       not no_sr, min_side),
+                                       not no_sr, min_side, heatmaps),
                        settle=settle, max_attempts=max_attempts, disposition=disposition,
                        processed_dir=Path(processed_dir) if processed_dir else None, listen=listen_peer, allowed_callers=allowed_callers, send_to=send_peer, calling_ae=calling_ae,
                        metrics_port=metrics_port)
@@ -314,12 +344,15 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @opt.workers
 @opt.threads
 @click.option("--no-sr", is_flag=True, help="End to end without writing DICOM SR.")
+@click.option("--heatmaps/--no-heatmaps", default=None,
+              help="End to end with heatmaps, each pass also run without them to measure their cost "
+                   "[default: when the model has class maps].")
 @click.option("--cv-threshold", default=0.10, show_default=True, type=click.FloatRange(0),
               help="Warn when the coefficient of variation is above this.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the report as JSON to this file ('-': stdout, no tables).")
 def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, iterations, duration, e2e_batch_size,
-          passes, workers, threads, no_sr, cv_threshold, json_path):
+          passes, workers, threads, no_sr, heatmaps, cv_threshold, json_path):
     """Latency percentiles, throughput and a per-stage split, like trtexec, on real INPUTS.
 
     The model stage alone (per backend x precision x batch size), then the whole pipeline end to
@@ -345,7 +378,7 @@ def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, it
                             precisions=precisions or tuple(p for p in opt.PRECISIONS if p in package.precisions()),
                             batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, duration=duration, mode=mode,
                             e2e_batch_size=e2e_batch_size, workers=workers, threads=threads, passes=passes,
-                            write_sr=not no_sr, cv_threshold=cv_threshold)
+                            write_sr=not no_sr, heatmaps=heatmaps, cv_threshold=cv_threshold)
         with Console(stderr=True).status("benchmarking") as spinner:
             report = run_bench(package, items, settings, progress=lambda m: (spinner.update(m), log.info("%s", m)))
     except (CxrEdgeError, ValueError) as exc:

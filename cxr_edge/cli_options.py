@@ -46,9 +46,12 @@ max_delay = click.option("--max-delay-ms", default=20.0, show_default=True, type
 workers = click.option("--workers", type=click.IntRange(1), default=None, help="Decode processes (default: CPU cores).")
 threads = click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads (default: CPU cores).")
 no_sr = click.option("--no-sr", is_flag=True, help="Do not write DICOM SR for DICOM inputs.")
+heatmaps = click.option("--heatmaps/--no-heatmaps", default=None,
+                        help="A heatmap per flagged finding: PNG overlay, and a DICOM Secondary Capture for DICOM "
+                             "inputs [default: on when the model has class maps]. --heatmaps fails if it has not.")
 # infer and watch refuse the same inputs
 min_side = click.option("--min-side", default=MIN_SIDE, show_default=True, type=click.IntRange(1),
                         help="Refuse images with fewer pixels than this on a side (thumbnails, icons).")
 
 # what `infer` and `watch` share: the model, how it runs, and what is written
-pipeline = compose(model, backend, precision, batch_size, max_delay, workers, threads, no_sr, min_side)
+pipeline = compose(model, backend, precision, batch_size, max_delay, workers, threads, no_sr, min_side, heatmaps)

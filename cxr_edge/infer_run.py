@@ -81,10 +81,11 @@ def run(items, skipped, package, selection, out: Path, settings: RunSettings, on
     """Process every item once; `on_result(result)` as each finishes (a progress display)."""
     from .atomic import atomic_write, strict_json
     from .backends import create_backend
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, heatmaps_wanted
     from .workers import WorkerPool, default_workers
 
     workers = settings.workers or default_workers()
+    heatmaps = heatmaps_wanted(settings.heatmaps, package)  # refused before any work when asked for in vain
     # The worker processes are forked before the runner starts its threads.
     with WorkerPool(workers, package.preprocess_params, min_side=settings.min_side) as pool:
         runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
@@ -100,8 +101,9 @@ def run(items, skipped, package, selection, out: Path, settings: RunSettings, on
             log.info("backend %s, %s artifact %r: %s", selection.backend, selection.precision, selection.artifact,
                      selection.reason)
             log.info("model %s %s, %d inputs, %d decode workers", package.name, package.version, len(items), workers)
+            heatmaps = heatmaps and heatmaps_wanted(settings.heatmaps, package, runner)
             pipeline = Pipeline(package, runner, out, workers=workers, max_batch=settings.batch_size,
-                                max_delay_ms=settings.max_delay_ms, write_sr=settings.write_sr)
+                                max_delay_ms=settings.max_delay_ms, write_sr=settings.write_sr, heatmaps=heatmaps)
             started = time.perf_counter()
             results = pipeline.run(items, on_result=on_result, pool=pool)
             elapsed = time.perf_counter() - started

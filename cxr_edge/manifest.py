@@ -80,6 +80,15 @@ class Artifact:
                    copy.deepcopy(entry))
 
 
+@dataclass(frozen=True)
+class HeatmapSpec:
+    """The manifest's `heatmaps`: the graph output holding per-class maps [B, L, rows, columns]."""
+
+    method: str  # "cam": the linear head on each patch token (the logit is the map's mean)
+    output: str
+    grid: tuple[int, int]
+
+
 class ModelPackage:
     """A validated model package; nothing outside this module reads the manifest itself."""
 
@@ -163,6 +172,8 @@ class ModelPackage:
             fail(f"architecture must be an object, not {_short(architecture)}")
         if not isinstance(architecture.get("timm_name", ""), (str, type(None))):
             fail(f"architecture.timm_name must be a string, not {_short(architecture['timm_name'])}")
+        if "heatmaps" in m:
+            _check_heatmaps(fail, m["heatmaps"])
 
     # --- contents ----------------------------------------------------------------------------
     @property
@@ -204,6 +215,14 @@ class ModelPackage:
         """The preprocessing contract and its version, as records name it ("contract/vN")."""
         entry = self._manifest["preprocessing"]
         return f"{entry.get('contract')}/v{entry.get('version')}"
+
+    @property
+    def heatmap_spec(self) -> HeatmapSpec | None:
+        """How the model's graph gives class maps (engines/class_maps.py); None: it does not."""
+        entry = self._manifest.get("heatmaps")
+        if entry is None:
+            return None
+        return HeatmapSpec(entry["method"], entry["output"], (int(entry["grid"][0]), int(entry["grid"][1])))
 
     @property
     def architecture_name(self) -> str | None:
@@ -304,10 +323,12 @@ class ModelPackage:
         return path
 
 
-def write_package_copy(source: ModelPackage, target: str | Path, manifest: dict | None = None) -> ModelPackage:
+def write_package_copy(source: ModelPackage, target: str | Path, manifest: dict | None = None,
+                       replace: dict[str, bytes] | None = None) -> ModelPackage:
     """A new package at `target`: `source`'s artifacts (sha256-verified) under `manifest`
-    (default: the source's). Built in a sibling staging folder and renamed into place, so
-    `target` is complete or absent."""
+    (default: the source's), or the bytes `replace` gives for a key (the manifest names their
+    sha256). Built in a sibling staging folder and renamed into place, so `target` is complete
+    or absent."""
     target = Path(target)
     if target.exists():
         raise ModelPackageError(f"{target}: already exists; choose a new folder for the new package")
@@ -315,7 +336,8 @@ def write_package_copy(source: ModelPackage, target: str | Path, manifest: dict 
     staging = staging_dir(target)
     try:
         for key, entry in manifest["artifacts"].items():
-            atomic_write(staging / entry["file"], source.read_verified(key))
+            data = (replace or {}).get(key)
+            atomic_write(staging / entry["file"], source.read_verified(key) if data is None else data)
         ModelPackage(staging, manifest).save()
         publish_dir(staging, target)
     except BaseException:
@@ -408,6 +430,19 @@ def _check_preprocessing(fail, entry) -> None:
         fail(f"preprocessing.std must be positive, not {_short(entry['std'])}")
     if not isinstance(entry.get("resize", "pad"), str):
         fail(f"preprocessing.resize must be a string, not {_short(entry['resize'])}")
+
+
+def _check_heatmaps(fail, entry) -> None:
+    if not isinstance(entry, dict):
+        fail(f"heatmaps must be an object, not {_short(entry)}")
+    if entry.get("method") != "cam":
+        fail(f"heatmaps.method must be 'cam', not {_short(entry.get('method'))}")
+    if not isinstance(entry.get("output"), str) or not entry["output"]:
+        fail(f"heatmaps.output must be the name of a model output, not {_short(entry.get('output'))}")
+    grid = entry.get("grid")
+    if (not isinstance(grid, list) or len(grid) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1024 for v in grid)):
+        fail(f"heatmaps.grid must be [rows, columns] of whole numbers in [1, 1024], not {_short(grid)}")
 
 
 def _check_artifacts(fail, artifacts) -> None:

@@ -17,7 +17,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MARKER = "~"
 HASH_HEX = 10
 MAX_COMPONENT = 200  # characters = bytes (ASCII): + ".sr.dcm" stays far below NAME_MAX (255)
-OUTPUT_SUFFIXES = (".json", ".sr.dcm")  # what the pipeline appends to a stem
+OUTPUT_SUFFIXES = (".json", ".sr.dcm")  # what the pipeline appends to a stem, besides heatmaps:
+HEATMAP_NAME = re.compile(r"\.heatmap\.[a-z0-9_-]+\.(png|dcm)$")  # <stem>.heatmap.<finding>.png|dcm
 RUN_FILES = ("summary.jsonl",)  # infer's own files at the top of --out
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}$")
 
@@ -53,7 +54,7 @@ def output_stem(relative: PurePath) -> PurePath:
     A pure function of `relative` (the daemon finds an input's outputs again after a crash by
     it), and one-to-one: two different relative paths never get the same stem (up to a 40-bit
     hash collision between two names that also sanitize alike). See the note above MARKER.
-    A folder whose name would end like an output file (`.json`, `.sr.dcm`) or be a run file
+    A folder whose name would end like an output file (`.json`, `.sr.dcm`, `.heatmap.<x>.png`) or be a run file
     (`summary.jsonl` at the top) gets a `_` appended, so no folder meets a file."""
     parts = relative.parts or ("",)
     last = len(parts) - 1
@@ -63,7 +64,7 @@ def output_stem(relative: PurePath) -> PurePath:
         changed |= clean != part or len(clean) > MAX_COMPONENT
         if i < last:
             clean = clean[:MAX_COMPONENT]
-            if clean.endswith(OUTPUT_SUFFIXES) or (i == 0 and clean in RUN_FILES):
+            if clean.endswith(OUTPUT_SUFFIXES) or HEATMAP_NAME.search(clean) or (i == 0 and clean in RUN_FILES):
                 clean, changed = clean[: MAX_COMPONENT - 1] + "_", True
         cleaned.append(clean)
     if changed:  # the last one is cut by with_hash, which keeps its suffix

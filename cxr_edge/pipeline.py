@@ -20,6 +20,7 @@ import numpy as np
 from .errors import PERMANENT, UNEXPECTED, os_error_kind
 from .prepare import Prepared
 from .records import FindingsRecord, StageError, Status, error_record, findings_record
+from .heatmap_sink import HeatmapSink
 from .sinks import Inference, RecordWriter, Sink, SRSink
 from .sources import InputItem
 from .workers import WorkerPool, default_workers
@@ -40,6 +41,40 @@ class RunSettings:
     threads: int | None = None  # inference threads (None: the CPU cores)
     write_sr: bool = True
     min_side: int | None = None  # None: limits.MIN_SIDE
+    heatmaps: bool | None = None  # None: when the model has class maps; True: required; False: none
+
+
+def heatmaps_wanted(setting: bool | None, package, runner=None) -> bool:
+    """Whether to draw heatmaps (RunSettings.heatmaps: None = when the model can). Asked
+    for (True) from a model without class maps is a CxrEdgeError saying why; left to the default,
+    it is off, with the reason in the log. With `runner` (active): its artifact must have them too."""
+    from .errors import CxrEdgeError
+
+    if setting is False:
+        return False
+    spec = package.heatmap_spec
+    if spec is None:
+        problem = (f"the model package {package.name} {package.version} has no class maps (its manifest has no "
+                   "`heatmaps`; `cxr-edge add-class-maps` adds them to a model whose head allows exact maps)")
+    elif runner is not None and not runner.provides(spec.output):
+        problem = (f"the {runner.artifact_key} artifact has no {spec.output!r} output (built before class maps "
+                   "were added: build it again with `cxr-edge build-engine`)")
+    elif runner is not None and not _fits(runner.output_shape(spec.output), (len(package.labels), *spec.grid)):
+        problem = (f"the {runner.artifact_key} artifact's {spec.output!r} output is not [batch, labels, rows, "
+                   f"columns] = [*, {len(package.labels)}, {spec.grid[0]}, {spec.grid[1]}] as the manifest's "
+                   "`heatmaps` says")
+    else:
+        return True
+    if setting:
+        raise CxrEdgeError(f"--heatmaps: {problem}")
+    log.info("heatmaps off: %s", problem)
+    return False
+
+
+def _fits(shape: tuple | None, expected: tuple) -> bool:
+    """A [batch, *expected] output; a dynamic dimension (None) fits anything but the rank."""
+    return shape is not None and len(shape) == 1 + len(expected) and all(
+        found is None or found == wanted for found, wanted in zip(shape[1:], expected))
 
 
 @dataclass
@@ -70,8 +105,8 @@ class Pipeline:
     """
 
     def __init__(self, package, runner, out_dir: Path, *, workers: int | None = None, max_batch: int = 8,
-                 max_delay_ms: float = 20.0, write_sr: bool = True, sinks: list[Sink] | None = None,
-                 log_names: bool = True):
+                 max_delay_ms: float = 20.0, write_sr: bool = True, heatmaps: bool = False,
+                 sinks: list[Sink] | None = None, log_names: bool = True):
         self.package, self.runner, self.out_dir = package, runner, Path(out_dir)
         self.workers = workers or default_workers()
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
@@ -79,7 +114,14 @@ class Pipeline:
         self.labels, self.points, self.temperatures = package.labels, package.operating_points, package.temperatures
         self.model_info = package.describe(runner.artifact_sha256)
         self.backend_info = runner.describe()
-        self.sinks = sinks if sinks is not None else ([SRSink(self.model_info)] if write_sr else [])
+        if sinks is None:
+            sinks = [SRSink(self.model_info)] if write_sr else []
+            if heatmaps:  # heatmaps_wanted() said the package and the runner have class maps
+                sinks.append(HeatmapSink(self.model_info, self.labels, package.preprocess_params.resize))
+        self.sinks = sinks
+        # a heatmap sink needs the class maps (the runner fetches them with the logits) and a
+        # small copy of each image (the workers keep one)
+        self.heatmaps = any(isinstance(sink, HeatmapSink) for sink in self.sinks) and package.heatmap_spec is not None
         self.records = RecordWriter()
 
     def run(self, items: list[InputItem], on_result=None, pool: WorkerPool | None = None,
@@ -93,8 +135,13 @@ class Pipeline:
             if on_result:
                 on_result(result)
 
+        from .heatmaps import DISPLAY_SIDE
+
         own_pool = pool is None
         pool = pool or WorkerPool(self.workers, self.package.preprocess_params)
+        # set on every run: a runner or pool may serve pipelines with and without heatmaps (bench)
+        self.runner.maps_output = self.package.heatmap_spec.output if self.heatmaps else None
+        pool.display_side = DISPLAY_SIDE if self.heatmaps else 0
         ready: list[tuple[Prepared, float]] = []
         window = 2 * self.workers + self.max_batch
         waiting: list[_Waiting] = []
@@ -149,6 +196,7 @@ class Pipeline:
             log.error("inference failed for a batch of %d: %s", len(batch), exc)
             return [self._error(p, "inference", f"{type(exc).__name__}: {exc}", UNEXPECTED) for p, _ in batch]
         inferred = time.perf_counter()
+        maps = self.runner.last_maps
         split = self.runner.last_timings.split() if self.runner.last_timings else {}
         probabilities = calibrated_probabilities(logits, self.temperatures)
         # A probability outside [0, 1] or NaN is not a result (and not valid JSON): that input fails.
@@ -156,7 +204,7 @@ class Pipeline:
         rows = [findings_for_row(self.labels, row, self.points) if ok else None for row, ok in zip(probabilities, sane)]
         postprocess_ms = (time.perf_counter() - inferred) * 1e3
         results = []
-        for (prepared, arrived), findings in zip(batch, rows):
+        for row, ((prepared, arrived), findings) in enumerate(zip(batch, rows)):
             if findings is None:
                 results.append(self._error(prepared, "inference", "the model produced non-finite probabilities "
                                                                   "(NaN or infinity) for this image"))
@@ -168,7 +216,8 @@ class Pipeline:
             timings.update(split)
             timings["postprocess"] = postprocess_ms
             timings["batch_size"] = len(batch)
-            inference = Inference(prepared, findings, timings, self._stem(prepared))
+            inference = Inference(prepared, findings, timings, self._stem(prepared),
+                                  maps[row] if maps is not None else None)
             started_work = {sink.name: future for sink in self.sinks if sink.accepts(inference)
                             for future in [sink.start(inference, pool)] if future is not None}
             if started_work:
@@ -197,7 +246,8 @@ class Pipeline:
         work_ms = 0.0
         record = findings_record(prepared, inference.findings, self.model_info, self.backend_info, inference.timings_ms)
         written = []  # paths, to take back if the record cannot be written
-        for sink in self.sinks:
+        files = {}  # sink name -> its files
+        for index, sink in enumerate(self.sinks):
             if not sink.accepts(inference):
                 continue
             try:
@@ -206,15 +256,23 @@ class Pipeline:
                 failure = sink.failure(exc)
                 if failure.kind != PERMANENT:
                     _remove(written)
+                    for later in self.sinks[index + 1 :]:  # work already done in the workers (heatmaps on disk)
+                        if later.name in started:
+                            later.discard(self._work_of(later, started, quiet=True))
                     return self._error(prepared, "write", failure.reason, failure.kind)
                 record.output_errors[sink.name] = StageError(sink.name, failure.reason)
+                try:
+                    sink.abandon(inference)
+                except OSError:  # best effort: the record says the output is missing
+                    pass
                 if self.log_names:
                     log.warning("%s: findings written, %s not: %s", prepared.item.relative.as_posix(),
                                 sink.label, failure.reason)
                 continue
             work_ms += output.work_ms
-            written.append(output.path)
+            written.extend(output.paths)
             record.outputs[sink.name] = output.entry
+            files[sink.name] = [str(path) for path in output.paths]
         finished = time.perf_counter()
         record.timings_ms["write"] = work_ms + (finished - wall_started) * 1e3
         if prepared.started_at is not None:  # decode start -> outputs written
@@ -226,21 +284,27 @@ class Pipeline:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             kind = os_error_kind(exc) if isinstance(exc, OSError) else UNEXPECTED
             return self._error(prepared, "write", f"cannot write outputs: {reason}", kind)
-        outputs = {"json": str(json_path), **{name: entry["path"] for name, entry in record.outputs.items()}}
+        # one file: its path (the SR); several: the list (heatmaps)
+        outputs = {"json": str(json_path), **{name: paths[0] if name == "sr" else paths for name, paths in files.items()}}
         return Result(prepared.item, Status.OK, record, outputs)
 
     @staticmethod
-    def _work_of(sink: Sink, started: dict[str, Future]):
-        """The sink's finished work (what it raised, raised here); None when a crashed worker
-        took it (the sink redoes it here)."""
+    def _work_of(sink: Sink, started: dict[str, Future], quiet: bool = False):
+        """The sink's finished work (what it raised, raised here; with `quiet`, None); None when
+        a crashed worker took it (the sink redoes it here)."""
         future = started.get(sink.name)
         if future is None:
             return None
         try:
             return future.result()
         except (BrokenProcessPool, CancelledError):
-            log.warning("a worker died while working for the %s sink; redoing it on the main thread", sink.name)
+            if not quiet:
+                log.warning("a worker died while working for the %s sink; redoing it on the main thread", sink.name)
             return None
+        except Exception:
+            if quiet:
+                return None
+            raise
 
     def _error(self, prepared: Prepared, stage: str, reason: str, kind: str = PERMANENT) -> Result:
         record = error_record(prepared, stage, reason, self.model_info, self.backend_info, kind)

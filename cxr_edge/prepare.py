@@ -35,6 +35,8 @@ class Prepared:
     size_bytes: int | None = None
     timings_ms: dict = field(default_factory=dict)
     started_at: float | None = None  # perf_counter (CLOCK_MONOTONIC: the same clock in every process)
+    display: np.ndarray | None = None  # uint8 (h, w), the image shrunk for heatmaps (asked for only)
+    source_shape: tuple[int, int] | None = None  # the decoded image's (rows, columns)
     error: dict | None = None  # {"stage", "reason", "kind"} (kinds: cxr_edge.errors)
 
 
@@ -95,9 +97,25 @@ def confined_regular_file(path: Path, root: Path) -> None:
         raise InputError("read", refusal)
 
 
-def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine: Path | None = None) -> Prepared:
+def display_image(pixels: np.ndarray, side: int) -> np.ndarray:
+    """The decoded image (float [0, 1], 1 = bright) as uint8, its longer side `side` pixels:
+    what heatmaps are drawn on, small enough to travel between processes, large enough for
+    their caption to be read."""
+    import cv2
+
+    h, w = pixels.shape
+    scale = side / max(h, w)
+    if scale != 1.0:
+        interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
+        pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interpolation)
+    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+
+
+def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine: Path | None = None,
+            display_side: int = 0) -> Prepared:
     """Hash, decode, preprocess one input. With `confine` (the service's inbox) symbolic links
-    are not followed and the file must lie inside it."""
+    are not followed and the file must lie inside it; with `display_side`, a small copy of the
+    image is kept for heatmaps."""
     from .decode import decode_file, require_regular_file
     from .preprocess import preprocess
 
@@ -112,6 +130,9 @@ def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine
         require_unchanged(item.path, identity, follow_symlinks=confine is None)
         t1 = time.perf_counter()
         prepared.tensor = preprocess(decoded.pixels, params)
+        prepared.source_shape = tuple(decoded.pixels.shape)
+        if display_side:
+            prepared.display = display_image(decoded.pixels, display_side)
         t2 = time.perf_counter()
     except InputError as exc:
         prepared.error = {"stage": exc.stage, "reason": exc.reason, "kind": exc.kind}

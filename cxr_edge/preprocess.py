@@ -62,6 +62,19 @@ def _square(image: np.ndarray, mode: str) -> np.ndarray:
     return out
 
 
+def model_window(h: int, w: int, mode: str) -> tuple[int, int, int, int]:
+    """Where the model's square input lies on an (h, w) image, as (top, left, height, width) in
+    image pixels (`_square`'s arithmetic): a letterbox reaches past the image (negative top or
+    left), a centre crop lies inside it. Heatmaps map the model's patch grid back through it."""
+    if mode == "stretch" or h == w:
+        return 0, 0, h, w
+    if mode == "crop":
+        side = min(h, w)
+        return (h - side) // 2, (w - side) // 2, side, side
+    side = max(h, w)
+    return -((side - h) // 2), -((side - w) // 2), side, side
+
+
 def preprocess(image: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """Grayscale float32 [0, 1] (H, W) -> normalised float32 (channels, size, size)."""
     if image.ndim != 2:

@@ -98,6 +98,18 @@ class FindingsRecord:
     def sr_error(self) -> StageError | None:
         return self.output_errors.get("sr")
 
+    @property
+    def heatmap_files(self) -> list[str]:
+        """Every heatmap file the record names (PNG and DICOM)."""
+        maps = (self.outputs.get("heatmaps") or {}).get("maps") or []
+        return [m[key] for m in maps for key in ("png", "dicom") if m.get(key)]
+
+    @property
+    def heatmap_dicoms(self) -> list[tuple[str, str | None]]:
+        """(path, SOP Instance UID) of each heatmap's DICOM object, in the record's order."""
+        maps = (self.outputs.get("heatmaps") or {}).get("maps") or []
+        return [(m["dicom"], m.get("sop_instance_uid")) for m in maps if m.get("dicom")]
+
     # --- JSON -------------------------------------------------------------------------------
     def to_json(self) -> dict:
         data = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "status": self.status, "created": self.created,

@@ -1,5 +1,5 @@
-"""Sinks: where an input's findings go besides its JSON record (the DICOM SR now; heatmaps and
-tables next), behind one small interface the batcher drives.
+"""Sinks: where an input's findings go besides its JSON record (the DICOM SR here; heatmaps in
+heatmap_sink.py), behind one small interface the batcher drives.
 
 For each input the batcher asks every sink that `accepts` it to `start` its expensive work
 (in a worker process, so the batcher never waits on it), then, once that is done, to `write`
@@ -32,13 +32,14 @@ class Inference:
     findings: list  # [cxr_edge.findings.Finding], in label order
     timings_ms: dict
     stem: Path  # output path without suffix: OUT/<sanitized relative path>
+    maps: object = None  # np.ndarray [L, rows, columns]: the class maps, when heatmaps were asked for
 
 
 @dataclass
 class Written:
-    """A sink's output for one input: its file and the entry under the record's `outputs`."""
+    """A sink's output for one input: its files and the entry under the record's `outputs`."""
 
-    path: Path
+    paths: list[Path]
     entry: dict
     work_ms: float = 0.0  # building the output, wherever it ran (shows in the `write` timing)
 
@@ -68,6 +69,14 @@ class Sink:
         with a crashed worker: do it here then). Raises SinkFailure for a failure of its own
         kind; anything else it raises (or its started work raised) goes through `failure`."""
         raise NotImplementedError
+
+    def abandon(self, inference: Inference) -> None:
+        """This sink's output could not be made (recorded as `<name>_error`): remove what an
+        earlier run left for this input, so that the folder holds what the record names."""
+
+    def discard(self, work) -> None:
+        """The input failed before this sink's `write`: undo what its started work left on disk
+        (a sink whose work only returns bytes has nothing to undo)."""
 
     def failure(self, exc: BaseException) -> SinkFailure:
         """Why no output was made, in words that name attributes, never their values: our own
@@ -159,7 +168,7 @@ class SRSink(Sink):
             raise SinkFailure(self.failure(exc).reason, os_error_kind(exc)) from exc
         entry = {"path": str(path), "sop_instance_uid": sr.sop_instance_uid,
                  "series_instance_uid": sr.series_instance_uid}
-        return Written(path, entry, sr.build_ms)
+        return Written([path], entry, sr.build_ms)
 
 
 # --- the JSON record --------------------------------------------------------------------------

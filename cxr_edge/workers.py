@@ -37,12 +37,13 @@ class WorkerPool:
     """
 
     def __init__(self, workers: int, params, max_pixels: int | None = None, min_side: int | None = None,
-                 confine: Path | None = None):
+                 confine: Path | None = None, display_side: int = 0):
         from .limits import DEFAULT_MAX_PIXELS, MIN_SIDE
 
         self.workers, self.params, self.max_pixels = workers, params, max_pixels or DEFAULT_MAX_PIXELS
         self.min_side = MIN_SIDE if min_side is None else min_side
         self.confine = confine  # the service's inbox: no symbolic links, nothing outside it
+        self.display_side = display_side  # > 0: keep a small copy of each image for heatmaps
         # fork before any backend threads exist is safe and fast; fall back where unavailable
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self._context = multiprocessing.get_context(method)
@@ -62,7 +63,7 @@ class WorkerPool:
         return executor
 
     def submit_prepare(self, item: InputItem) -> Future:
-        return self.submit(prepare, item, self.params, self.max_pixels, self.min_side, self.confine)
+        return self.submit(prepare, item, self.params, self.max_pixels, self.min_side, self.confine, self.display_side)
 
     def submit(self, fn, *args) -> Future:
         """Run fn(*args) in a worker (picklable function and arguments)."""

@@ -72,7 +72,9 @@ def run_holdout(runner, tensors: np.ndarray, batch: int = GATE_BATCH, min_batch:
     with polygraphy_calls():
         results = Comparator.run([runner], data_loader=TensorBatches(tensors, batch, min_batch), warm_up=1)
         iterations = results[runner.name]
-        [output] = list(iterations[0].keys())
+        # the gate judges the logits; class maps (a second output) follow them: their mean is the logit
+        names = list(iterations[0].keys())
+        output = "logits" if "logits" in names else names[0]
         logits = np.concatenate([it[output] for it in iterations])[: len(tensors)]
         seconds = sum(it.runtime for it in iterations)
         merged = RunResults()

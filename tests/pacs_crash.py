@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_helpers import DaemonProcess, drop, signal_while_busy, wait_for  # noqa: E402
-from pacs_roundtrip import ORTHANC_DICOM, ORTHANC_HTTP, rest, start_orthanc, stop, wait_port  # noqa: E402
+from pacs_roundtrip import (ORTHANC_DICOM, ORTHANC_HTTP, expected_heatmaps, heatmaps_in_orthanc, rest,  # noqa: E402
+                            start_orthanc, stop, wait_port)
 
 SOURCES = 20
 
@@ -75,13 +76,18 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
         per_study = Counter(rest(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in srs)
         with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as db:
             attempts = db.execute("SELECT SUM(attempts) FROM sends").fetchone()[0]
+        # heatmaps: every one the final records name is in Orthanc once, in its source's study
+        expected, found = expected_heatmaps(workdir / "out"), heatmaps_in_orthanc()
+        scs = found
         summary = {"sources": SOURCES, "done_when_killed": killed_at.get("done", 0),
+                   "heatmaps_expected": len(expected), "heatmaps_in_orthanc": len(scs),
+                   "heatmaps_as_expected": found == expected,
                    "sent_when_killed": sent_before, "srs_in_orthanc": len(srs), "send_attempts": attempts,
                    "studies_with_one_sr": sum(1 for uid in sources if per_study.get(uid) == 1),
                    "studies_with_more": sorted(uid for uid, n in per_study.items() if n > 1),
                    "srs_outside_the_sources": sorted(set(per_study) - set(sources))}
         print(json.dumps(summary))
-        ok = len(srs) == SOURCES and summary["studies_with_one_sr"] == SOURCES
+        ok = len(srs) == SOURCES and summary["studies_with_one_sr"] == SOURCES and found == expected
         return 0 if ok else 1
     finally:
         for daemon in daemons:

@@ -51,6 +51,25 @@ def rest(path: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+def expected_heatmaps(out: Path) -> dict[str, str]:
+    """{SOP Instance UID: the source's Study Instance UID} of every heatmap the records name."""
+    expected = {}
+    for record_path in out.rglob("*.json"):
+        record = json.loads(record_path.read_text())
+        for entry in (record.get("outputs") or {}).get("heatmaps", {}).get("maps", []):
+            expected[entry["sop_instance_uid"]] = record["dicom"]["study_instance_uid"]
+    return expected
+
+
+def heatmaps_in_orthanc() -> dict[str, str]:
+    """{SOP Instance UID: Study Instance UID} of every Secondary Capture (Modality OT) in Orthanc."""
+    found = {}
+    for instance in rest("/tools/find", {"Level": "Instance", "Query": {"Modality": "OT"}}):
+        tags = rest(f"/instances/{instance}/simplified-tags")
+        found[tags["SOPInstanceUID"]] = tags["StudyInstanceUID"]
+    return found
+
+
 def write_orthanc_config(workdir: Path) -> Path:
     """Orthanc as the test PACS: AE ORTHANC, storing whatever it is sent, no HTTP auth (loopback
     of a private network namespace only)."""
@@ -110,7 +129,17 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
             srs = rest("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}})
             time.sleep(0.2)
         studies = {rest(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in srs}
+        # the heatmaps (Secondary Captures) the records name, sent with the SRs: each in its source's study
+        expected = expected_heatmaps(workdir / "out")
+        deadline = time.monotonic() + 60
+        found = {}
+        while time.monotonic() < deadline and len(found) < len(expected):
+            found = heatmaps_in_orthanc()
+            time.sleep(0.2)
+        scs = found
         print(json.dumps({"sent": len(dicoms), "srs_in_orthanc": len(srs), "sr_studies": sorted(studies),
+                          "heatmaps_expected": len(expected), "heatmaps_in_orthanc": len(scs),
+                          "heatmaps_in_their_source_study": found == expected,
                           "source_studies": sorted(sources), "intruder_returncode": intruder.returncode,
                           "sends_failed_while_pacs_down": failed_sends,
                           "inbox_files": sorted(p.name for p in (workdir / "inbox").glob("*.dcm"))}))

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 import urllib.request
 
 import pytest
@@ -251,9 +252,57 @@ def test_a_send_whose_sr_was_replaced_or_removed_is_not_retried_for_ever(tmp_pat
     dataset.file_meta = pydicom.dataset.FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     dataset.save_as(sr, enforce_file_format=True)
-    assert daemon._send_one(sr, "1.2.3.5", "PACS@127.0.0.1:1") == ("superseded", "a newer version of the input "
-                                                                                   "replaced this SR")
-    state, problem = daemon._send_one(tmp_path / "gone.sr.dcm", "1.2.3.4", "PACS@127.0.0.1:1")
+    assert daemon._send_one([(sr, "1.2.3.5")], "PACS@127.0.0.1:1") == ("superseded", "a newer version of the input "
+                                                                                        "replaced the SR")
+    state, problem = daemon._send_one([(tmp_path / "gone.sr.dcm", "1.2.3.4")], "PACS@127.0.0.1:1")
     assert state == "failed" and "gone" in problem and str(tmp_path) not in problem
-    state, problem = daemon._send_one(sr, "1.2.3.4", "PACS@127.0.0.1:1")  # nobody listens: retried later
+    # a heatmap sent with the SR: gone or replaced, the whole send stops
+    state, problem = daemon._send_one([(sr, "1.2.3.4"), (tmp_path / "x.heatmap.mass.dcm", "1.2.9")], "PACS@127.0.0.1:1")
+    assert (state, problem) == ("failed", "a heatmap file is gone")
+    state, problem = daemon._send_one([(sr, "1.2.3.4")], "PACS@127.0.0.1:1")  # nobody listens: retried later
     assert state == "pending" and str(tmp_path) not in problem
+
+
+def test_recovery_queues_the_heatmaps_with_the_sr_and_removes_orphans(tmp_path):
+    """Killed after writing an input's outputs (SR and heatmaps), before journaling them: the
+    restart finds them complete and queues one send of all its DICOM objects, SR first. Killed
+    before its JSON: the maps written so far are removed (the redo writes them again)."""
+    from cxr_edge.backends import create_backend
+    from cxr_edge.daemon.dicom_net import Peer
+    from cxr_edge.daemon.journal import Journal, identity_of
+    from cxr_edge.daemon.service import Daemon, DaemonConfig
+    from cxr_edge.manifest import ModelPackage
+    from cxr_edge.pipeline import Pipeline
+    from cxr_edge.prepare import file_sha256
+    from cxr_edge.sources import InputItem
+
+    from .conftest import SAMPLES
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    source = inbox / "a.dcm"
+    source.write_bytes((SAMPLES / "dicom" / "canine_thorax_dx_mono1_small.dcm").read_bytes())
+    package = ModelPackage.load()
+    with create_backend(package, threads=1) as backend:
+        (result,) = Pipeline(package, backend, out, workers=1, heatmaps=True).run(
+            [InputItem(source, source.relative_to(inbox))])
+    maps = result.record.outputs["heatmaps"]["maps"]
+    assert result.status == "ok" and maps, "the canine sample flags nothing: nothing to test"
+    (tmp_path / "state").mkdir()
+    journal = Journal(tmp_path / "state" / "journal.sqlite3")
+    journal.offer("a.dcm", identity_of(source.stat()), file_sha256(source)[0])
+    journal.claim_due(1)  # "processing" when the process died
+    daemon = Daemon(DaemonConfig(inbox=inbox, out=out, state_dir=tmp_path / "state", send_to=Peer.parse("PACS@h:104")))
+    daemon.journal = journal
+    daemon._recover()
+    (send,) = journal.due_sends()
+    assert send.objects == ((result.record.sr["path"], result.record.sr["sop_instance_uid"]),
+                            *((m["dicom"], m["sop_instance_uid"]) for m in maps))
+    # now as if it died before the JSON: the record is gone, its maps are orphans
+    Path(result.outputs["json"]).unlink()
+    stray = out / "a.dcm.heatmap.hernia.png"  # and one from nobody's record
+    stray.write_bytes(b"x")
+    row = journal.all_inputs()[0]
+    daemon._remove_orphans(row)
+    assert not [p for p in out.iterdir() if ".heatmap." in p.name or p.name.endswith(".sr.dcm")]
+    journal.close()

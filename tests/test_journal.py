@@ -62,7 +62,7 @@ def test_a_send_is_queued_once_in_the_transaction_that_marks_the_input_done(jour
     journal.claim_due(10)
     journal.done(row.id, A, {"json": "x.json", "sr": "/out/x.sr.dcm"}, send_to="PACS@h:104", sr_uid="1.2.3")
     journal.done(row.id, A, {"json": "x.json", "sr": "/out/x.sr.dcm"}, send_to="PACS@h:104", sr_uid="1.2.3")  # recovery
-    assert journal.due_sends() == [(1, "/out/x.sr.dcm", "1.2.3", "PACS@h:104", 0)]
+    assert journal.due_sends() == [(1, "/out/x.sr.dcm", "1.2.3", "PACS@h:104", 0, (("/out/x.sr.dcm", "1.2.3"),))]
     other, _ = journal.offer("y.dcm", STAT, B)
     journal.claim_due(10)
     journal.done(other.id, B, {"json": "y.json"}, sr_error={"reason": "no SR"}, send_to="PACS@h:104")

@@ -480,6 +480,35 @@ def test_send_sr_takes_success_and_the_storage_warnings_as_stored(sr_file):
     assert outcomes[0xA700] == "C-STORE status 0xA700" and outcomes[0x0107] == "C-STORE status 0x0107"
 
 
+def test_a_pacs_without_secondary_capture_gets_the_sr_and_says_what_it_refused(sr_file, tmp_path):
+    """The SR and a heatmap go in one association; a PACS that takes SRs only gets the SR once,
+    and the send names the SOP class it refused instead of retrying the set for ever."""
+    import numpy as np
+    from pynetdicom import evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
+    from cxr_edge.heatmap_dicom import build_heatmap_sc
+    from cxr_edge.sr import ModelIdentity
+
+    source = pydicom.dcmread(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm", stop_before_pixels=True)
+    capture = tmp_path / "x.heatmap.mass.dcm"
+    build_heatmap_sc(source, np.zeros((8, 8, 3), np.uint8), "Mass", 0.5, ModelIdentity("m", "1", "0" * 64),
+                     "1.2.3.4", "1.2.3.5", 1).save_as(capture, enforce_file_format=True)
+    stored = []
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(ComprehensiveSRStorage, ExplicitVRLittleEndian)
+    server = pacs.start_server(("127.0.0.1", 0), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda e: stored.append(e.request.AffectedSOPClassUID) or 0)])
+    try:
+        peer = Peer("PACS", "127.0.0.1", server.server_address[1])
+        problem, refused = dicom_net.send_objects([sr_file, capture], peer, "CXREDGE")
+        only_capture = dicom_net.send_objects([capture], peer, "CXREDGE")
+    finally:
+        server.shutdown()
+    assert problem is None and refused == [SecondaryCaptureImageStorage] and stored == [ComprehensiveSRStorage]
+    assert only_capture[0] is not None  # nothing it takes: not sent (pynetdicom rejects such an association)
+
+
 # ---- resources, clean-up, logs -----------------------------------------------------------------------------
 
 

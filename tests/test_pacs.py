@@ -21,7 +21,7 @@ def _need_private_network() -> None:
         pytest.skip(f"needs a private network namespace (unshare --net, as root): {probe.stderr.strip()}")
 
 
-def test_srs_arrive_in_orthanc_in_the_source_study(tmp_path):
+def test_srs_and_heatmaps_arrive_in_orthanc_in_the_source_study(tmp_path):
     _need_private_network()
     dicoms = sorted((SAMPLES / "dicom").glob("*.dcm"))
     proc = subprocess.run(["unshare", "--net", sys.executable, str(REPO / "tests" / "pacs_roundtrip.py"), str(tmp_path),
@@ -32,6 +32,9 @@ def test_srs_arrive_in_orthanc_in_the_source_study(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["srs_in_orthanc"] == len(dicoms)
     assert summary["sr_studies"] == summary["source_studies"]  # each SR in its source's study
+    # the heatmaps went with the SRs: each one the records name, once, in its source's study
+    assert summary["heatmaps_expected"] >= 1 and summary["heatmaps_in_orthanc"] == summary["heatmaps_expected"]
+    assert summary["heatmaps_in_their_source_study"], summary
     assert summary["sends_failed_while_pacs_down"] == len(dicoms)  # queued, retried, then delivered
     assert summary["intruder_returncode"] != 0  # a calling AE not on the allow-list is rejected
     assert len(summary["inbox_files"]) == len(dicoms)  # and nothing it sent reached the inbox
@@ -49,3 +52,5 @@ def test_sigkill_mid_batch_then_restart_every_source_gets_exactly_one_sr_in_orth
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["srs_in_orthanc"] == summary["sources"] == summary["studies_with_one_sr"] == 20, summary
     assert summary["done_when_killed"] < 20 and not summary["studies_with_more"], summary
+    assert summary["heatmaps_expected"] >= 1 and summary["heatmaps_as_expected"], summary
+    assert summary["heatmaps_in_orthanc"] == summary["heatmaps_expected"], summary

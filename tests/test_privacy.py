@@ -5,8 +5,9 @@ equipment attribute holds MARKER (valid values, malformed values, non-ASCII name
 inside malformed technical attributes) is run through `cxr-edge infer` and `cxr-edge watch`.
 The marker must appear nowhere: not in stdout / stderr / logs (also at DEBUG), the JSON records,
 summary.jsonl, the journal's raw database bytes, `cxr-edge status` (text and JSON), /metrics, or
-any output file name. The DICOM SR (*.sr.dcm) is the one output allowed to carry patient
-attributes (a PACS files it under the patient), so only those files are not searched.
+any output file name, nor the heatmap PNGs. The DICOM outputs, the SR (*.sr.dcm) and the heatmap
+Secondary Captures (*.heatmap.<finding>.dcm), are the ones allowed to carry patient attributes
+(a PACS files them under the patient), so only those files are not searched.
 """
 
 from __future__ import annotations
@@ -42,13 +43,18 @@ def leaks(data: str | bytes, where: str) -> list[str]:
 
 
 def leaks_in_tree(root: Path) -> list[str]:
-    """The marker in any file name, or in the bytes of any file except the DICOM SRs."""
+    """The marker in any file name, or in the bytes of any file except the DICOM outputs."""
     found = []
     for path in sorted(root.rglob("*")):
         found += leaks(str(path.relative_to(root)), f"file name {path.relative_to(root)}")
-        if path.is_file() and not path.name.endswith(".sr.dcm"):
+        if path.is_file() and not is_dicom_output(path):
             found += leaks(path.read_bytes(), str(path.relative_to(root)))
     return found
+
+
+def is_dicom_output(path: Path) -> bool:
+    """An SR or a heatmap's Secondary Capture: filed under the patient, so it names the patient."""
+    return path.name.endswith(".sr.dcm") or (".heatmap." in path.name and path.suffix == ".dcm")
 
 
 def assert_no_leaks(found: list[str]) -> None:

@@ -104,6 +104,9 @@ def test_staged_teacher_and_student_runs_calibrate_and_export(tmp_path):
     _ok(_train("export", student, "--out", package, "--name", "tiny-staged-student", "--candidate", teacher))
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["architecture"]["timm_kwargs"] == {"global_pool": "avg", "fc_norm": False}
+    # an average-pool head: the export adds exact class maps (heatmaps), checked against the logits
+    assert manifest["heatmaps"]["method"] == "cam" and manifest["heatmaps"]["exact_to"] <= 1e-3
+    assert manifest["artifacts"]["fp32"]["class_maps"] == "class_maps"
     assert "out-of-fold" in manifest["thresholds"]["chosen_on"]
     assert len(manifest["thresholds"]["operating_points"]) == 15
     assert manifest["metrics"]["test"]["mean_auroc_ci95"][0] <= manifest["metrics"]["test"]["mean_auroc"]

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from cxr_edge.atomic import atomic_write, publish_dir, staging_dir
+from cxr_edge.engines.class_maps import CLASS_MAPS, with_maps
+from cxr_edge.errors import ModelPackageError
 from cxr_edge.findings import calibrated_probabilities
 from cxr_edge.labels import LABELS
 from cxr_edge.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, ArtifactFormat, ModelPackage, Precision, sha256_file
@@ -111,9 +113,15 @@ def export_package(run_dir: str | Path, out: str | Path, name: str, version: str
         if parity["max_abs_dprob"] > PARITY_TOLERANCE:
             raise RuntimeError(f"ONNX export drifts from torch: max |dprob| {parity['max_abs_dprob']:.2e} > {PARITY_TOLERANCE}")
         manifest = package_manifest(cfg, params, model, calibration, history, parity, name, version, description, extra)
-        manifest["artifacts"]["fp32"] = {"file": "model.onnx", "sha256": sha256_file(staging / "model.onnx"),
-                                         "format": ArtifactFormat.ONNX.value, "precision": Precision.FP32.value,
-                                         "input": "image", "output": "logits"}
+        artifact = {"file": "model.onnx", "format": ArtifactFormat.ONNX.value, "precision": Precision.FP32.value,
+                    "input": "image", "output": "logits"}
+        try:  # heatmaps: the class maps as a second output, where the head makes them exact
+            data, manifest["heatmaps"] = with_maps((staging / "model.onnx").read_bytes(), manifest["architecture"], params)
+            atomic_write(staging / "model.onnx", data)
+            artifact["class_maps"] = CLASS_MAPS
+        except ModelPackageError as exc:
+            log.info("no class maps (no heatmaps) for this model: %s", exc)
+        manifest["artifacts"]["fp32"] = {**artifact, "sha256": sha256_file(staging / "model.onnx")}
         ModelPackage(staging, manifest).save()  # validated on construction and again on save
         publish_dir(staging, out, replace=True)
     except BaseException:

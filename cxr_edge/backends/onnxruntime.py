@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import ModelPackageError
 from ..limits import usable_cpus
-from .base import Runner, Timings
+from .base import Outputs, Runner, Timings
 
 
 def cpu_session(model_bytes: bytes, threads: int | None = None):
@@ -46,16 +46,25 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:
             raise ModelPackageError(f"{self.where}: ONNX Runtime cannot load {self.artifact_key}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = "logits" if "logits" in outputs else outputs[0]  # class_maps may come too
 
     def deactivate_impl(self) -> None:
         self.session = None
 
-    def infer_impl(self, batch: np.ndarray) -> tuple[np.ndarray, Timings]:
+    def output_shape(self, output: str) -> tuple | None:
+        for o in self.session.get_outputs():
+            if o.name == output:
+                return tuple(d if isinstance(d, int) else None for d in o.shape)
+        return None
+
+    def infer_impl(self, batch: np.ndarray) -> Outputs:
         started = time.perf_counter()
-        logits = self.session.run([self.output_name], {self.input_name: batch})[0]
+        fetch = [self.output_name] + ([self.maps_output] if self.maps_output else [])
+        found = self.session.run(fetch, {self.input_name: batch})
         # host memory in and out: no copies to time
-        return logits, Timings(compute_ms=(time.perf_counter() - started) * 1e3)
+        return Outputs(found[0], Timings(compute_ms=(time.perf_counter() - started) * 1e3),
+                       found[1] if self.maps_output else None)
 
     def describe(self) -> dict:
         import onnxruntime as ort

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ..errors import CxrEdgeError, ModelPackageError
-from .base import Runner, Timings
+from .base import Outputs, Runner, Timings
 from .polygraphy_env import error_text, polygraphy_calls, torch_hidden
 from .stamp import REBUILD_HINT, machine_facts, stamp_problem
 
@@ -70,7 +70,8 @@ class TensorRTRunner(Runner):
         engine = self._trt.engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.output_name = "logits" if "logits" in outputs else outputs[0]  # class_maps may come too
         low, _, high = engine.get_tensor_profile_shape(self.input_name, 0)  # the build's batch profile
         self.min_batch, self.max_batch, self.sample_shape = int(low[0]), int(high[0]), tuple(int(d) for d in high[1:])
         if self.stage_timing:
@@ -89,23 +90,35 @@ class TensorRTRunner(Runner):
         self._trt = self._stream = self._device_input = None
 
     # --- inference ------------------------------------------------------------------------------
-    def infer_impl(self, batch: np.ndarray) -> tuple[np.ndarray, Timings]:
-        logits, timings = [], []
+    def output_shape(self, output: str) -> tuple | None:
+        import tensorrt as trt
+
+        engine = self._trt.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if output not in names or engine.get_tensor_mode(output) != trt.TensorIOMode.OUTPUT:
+            return None
+        return tuple(d if d >= 0 else None for d in engine.get_tensor_shape(output))
+
+    def infer_impl(self, batch: np.ndarray) -> Outputs:
+        logits, maps, timings = [], [], []
         with torch_hidden():
             for start in range(0, len(batch), self.max_batch):  # larger batches: profile-sized chunks
                 part = batch[start : start + self.max_batch]
-                out, timing = self._run_chunk(_pad_to(part, self.min_batch))
+                out, part_maps, timing = self._run_chunk(_pad_to(part, self.min_batch))
                 logits.append(out[: len(part)])
+                if part_maps is not None:
+                    maps.append(part_maps[: len(part)])
                 timings.append(timing)
-        return np.concatenate(logits), _total(timings)
+        return Outputs(np.concatenate(logits), _total(timings), np.concatenate(maps) if maps else None)
 
-    def _run_chunk(self, part: np.ndarray) -> tuple[np.ndarray, Timings]:
+    def _run_chunk(self, part: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, Timings]:
         # check_inputs off: the shape is the profile's and the dtype float32 (Runner.infer), and
         # Polygraphy's check rereads the engine's metadata on every call
         if not self.stage_timing:
             outputs = self._trt.infer({self.input_name: part}, check_inputs=False)
             # output buffers are reused by the next call: copy; TrtRunner's time includes the copies
-            return outputs[self.output_name].copy(), Timings(self._trt.last_inference_time() * 1e3)
+            maps = outputs[self.maps_output].copy() if self.maps_output else None
+            return outputs[self.output_name].copy(), maps, Timings(self._trt.last_inference_time() * 1e3)
         started = time.perf_counter()
         self._device_input.resize(part.shape)
         self._device_input.copy_from(part, self._stream)
@@ -114,8 +127,9 @@ class TensorRTRunner(Runner):
         outputs = self._trt.infer({self.input_name: self._device_input}, check_inputs=False, copy_outputs_to_host=False)
         computed = time.perf_counter()  # TrtRunner synchronizes its stream before returning
         logits = outputs[self.output_name].numpy()  # a synchronous copy to a new host array
+        maps = outputs[self.maps_output].numpy() if self.maps_output else None
         copied_out = time.perf_counter()
-        return logits, Timings(compute_ms=(computed - copied_in) * 1e3, h2d_ms=(copied_in - started) * 1e3,
+        return logits, maps, Timings(compute_ms=(computed - copied_in) * 1e3, h2d_ms=(copied_in - started) * 1e3,
                                d2h_ms=(copied_out - computed) * 1e3)
 
     def describe(self) -> dict:

@@ -75,6 +75,12 @@ def print_report(report: dict, console: Console | None = None) -> None:
         if r["overlap_efficiency"] is not None:
             console.print(f"  all stages share the CPU: at best {r['shared_cpu_bound_img_s']:.1f} img/s with perfect "
                           f"overlap; end to end is [bold]{r['overlap_efficiency']:.0%}[/] of that")
+        cost = r.get("heatmap_cost", {})
+        if cost.get("heatmaps") and cost.get("extra_time") is not None:
+            verdict = "within" if cost["within_goal"] else "[yellow]over[/]"
+            console.print(f"  heatmaps ({cost['maps_per_image']:.2f} per image): [bold]{cost['extra_time']:+.0%}[/] "
+                          f"end-to-end time against the same passes without them ({verdict} the "
+                          f"{cost['goal']:.0%} goal)")
         if r["failed"]:
             console.print(f"  [yellow]{r['failed']} input(s) failed and are not in the timings[/]")
 

@@ -28,6 +28,7 @@ class Settings:
     threads: int | None = None
     passes: int = 1
     write_sr: bool = True
+    heatmaps: bool | None = None  # None: when the model has class maps (their cost is measured too)
     cv_threshold: float = 0.10
     sample_images: int = 16
 
@@ -115,7 +116,7 @@ def _run_bench(package, items, settings: Settings, progress, pool, workers: int)
             report["end_to_end"].append(bench_end_to_end(
                 package, config, items, pool=pool, batch_size=settings.e2e_batch_size, workers=workers,
                 threads=settings.threads, passes=settings.passes, warmup_items=min(len(items), 2 * settings.e2e_batch_size),
-                write_sr=settings.write_sr, cv_threshold=settings.cv_threshold,
+                write_sr=settings.write_sr, heatmaps=settings.heatmaps, cv_threshold=settings.cv_threshold,
                 model_rate=model_rates[(config, settings.e2e_batch_size)], decode=decode,
                 gflops_per_image=per_image, gemm_gflop_s=cpu_gemm(config)))
     return report

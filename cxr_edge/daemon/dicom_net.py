@@ -374,23 +374,42 @@ STORE_ACCEPTED = frozenset({Status.SUCCESS} | {
 
 def send_sr(path: Path, peer: Peer, calling_ae: str) -> str | None:
     """C-STORE one SR; None when the PACS accepted it, else why not."""
+    problem, _ = send_objects([path], peer, calling_ae)
+    return problem
+
+
+def send_objects(paths: Sequence[Path], peer: Peer, calling_ae: str) -> tuple[str | None, list[str]]:
+    """C-STORE an input's DICOM objects (its SR, its heatmaps) in one association. Returns (why
+    not all were stored, or None; the SOP classes the PACS does not take at all). An object whose
+    SOP class the PACS refuses in the association (a PACS without Secondary Capture) is left out,
+    not retried for ever: the caller says so; anything else is worth another try as a whole set
+    (their UIDs make a repeat the same instances)."""
     import pydicom
     from pynetdicom import AE
-    from pynetdicom.sop_class import ComprehensiveSRStorage
 
-    dataset = pydicom.dcmread(path)
+    datasets = [pydicom.dcmread(path) for path in paths]
     ae = AE(ae_title=calling_ae)
     # Bounded, so one send can never outlast the daemon's watchdog (a PACS that accepts the TCP
     # connection and then says nothing): at most ~50 s, then retried with backoff.
     ae.connection_timeout, ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 10, 15, 25, 25
-    ae.add_requested_context(ComprehensiveSRStorage, [str(dataset.file_meta.TransferSyntaxUID)])
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        return f"association with {peer} rejected or failed"
+        return f"association with {peer} rejected or failed", []
     try:
-        status = assoc.send_c_store(dataset)
+        accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
+        refused = sorted({sop_class for sop_class, syntax in contexts if (sop_class, syntax) not in accepted})
+        for number, dataset in enumerate(datasets, start=1):
+            if str(dataset.SOPClassUID) in refused:
+                continue
+            status = assoc.send_c_store(dataset)
+            if not (status and int(status.Status) in STORE_ACCEPTED):
+                what = f"C-STORE status 0x{int(status.Status):04X}" if status else "no C-STORE response"
+                return (what if len(datasets) == 1 else f"object {number} of {len(datasets)}: {what}"), refused
     finally:
         assoc.release()
-    if status and int(status.Status) in STORE_ACCEPTED:
-        return None
-    return f"C-STORE status 0x{int(status.Status):04X}" if status else "no C-STORE response"
+    if refused and len(refused) == len(contexts):
+        return f"the PACS accepts none of the objects' SOP classes ({', '.join(refused)})", refused
+    return None, refused

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from ..errors import INCOMPLETE, PERMANENT, TRANSIENT, CxrEdgeError, ErrorKind
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 2: stat identity; 3: a send carries every DICOM object of an input (SR + heatmaps)
 INPUTS = """
 CREATE TABLE IF NOT EXISTS inputs (
     id INTEGER PRIMARY KEY,
@@ -54,8 +54,9 @@ CREATE INDEX IF NOT EXISTS inputs_state_updated ON inputs (state, updated);
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY,
     input_id INTEGER NOT NULL REFERENCES inputs (id),
-    sr_path TEXT NOT NULL,
-    sop_instance_uid TEXT,           -- the SR the send is for: another one at sr_path supersedes it
+    sr_path TEXT NOT NULL,           -- the first object (the SR when there is one)
+    sop_instance_uid TEXT,           -- its UID: another one at sr_path supersedes it
+    objects TEXT,                    -- JSON [[path, SOP Instance UID], ...]: all of them, SR first (NULL: sr_path alone)
     destination TEXT NOT NULL,
     state TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -128,13 +129,19 @@ def identity_of(stat) -> tuple[int, int, int, int]:
 
 
 class Send(NamedTuple):
-    """One SR send that is due."""
+    """One send that is due: an input's DICOM objects (its SR, its heatmaps), in one association."""
 
     id: int
-    sr_path: str
-    sr_uid: str | None  # the SR's SOP Instance UID
+    sr_path: str  # the first object
+    sr_uid: str | None  # its SOP Instance UID
     destination: str
     attempts: int
+    objects: tuple = ()  # ((path, SOP Instance UID), ...), the first one included
+
+    @classmethod
+    def from_row(cls, send_id, sr_path, sr_uid, destination, attempts, objects) -> "Send":
+        listed = tuple((str(path), uid) for path, uid in json.loads(objects)) if objects else ((sr_path, sr_uid),)
+        return cls(send_id, sr_path, sr_uid, destination, attempts, listed)
 
 
 def backoff(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
@@ -179,8 +186,11 @@ class Journal:
             raise sqlite3.DatabaseError(f"integrity check: {problems[0]}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         old = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'inputs'").fetchone()
-        if old and version < SCHEMA_VERSION:
+        if old and version < 2:
             self._migrate_from_1()
+        columns = [r[1] for r in db.execute("PRAGMA table_info(sends)")]
+        if columns and "objects" not in columns:  # schema 2: one SR per send
+            db.execute("ALTER TABLE sends ADD COLUMN objects TEXT")
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -322,8 +332,9 @@ class Journal:
 
     def done(self, row_id: int, processed_sha256: str | None, outputs: dict, sr_error: dict | None = None,
              send_to: str | None = None, settle: float = 0.0, claimed_version: int | None = None,
-             sr_uid: str | None = None) -> InputState:
-        """Done, and its SR send queued in the same transaction (a crash cannot separate them).
+             sr_uid: str | None = None, objects: list | None = None) -> InputState:
+        """Done, and the send of its DICOM objects queued in the same transaction (a crash cannot
+        separate them). `objects`: [(path, SOP Instance UID)], SR first (default: the SR alone).
         `sr_error` (the record's) is kept as the error of an input whose findings were written
         without their SR, so that `status` counts and shows it. Returns the new state ('pending'
         when the file changed while it was processed)."""
@@ -335,9 +346,12 @@ class Journal:
             db.execute("UPDATE inputs SET state = 'done', sha256 = CASE WHEN sha256 = '' THEN ? ELSE sha256 END, "
                        "error = ?, error_kind = NULL, outputs = ?, updated = ? WHERE id = ?",
                        (processed_sha256 or "", note, json.dumps(outputs), time.time(), row_id))
-            if send_to and outputs.get("sr"):
-                db.execute("INSERT OR IGNORE INTO sends (input_id, sr_path, sop_instance_uid, destination, state, updated) "
-                           "VALUES (?, ?, ?, ?, 'pending', ?)", (row_id, outputs["sr"], sr_uid, send_to, time.time()))
+            listed = objects if objects is not None else ([(outputs["sr"], sr_uid)] if outputs.get("sr") else [])
+            if send_to and listed:
+                db.execute("INSERT OR IGNORE INTO sends (input_id, sr_path, sop_instance_uid, objects, destination, state, "
+                           "updated) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                           (row_id, listed[0][0], listed[0][1], json.dumps([list(o) for o in listed]), send_to,
+                            time.time()))
             return InputState.DONE
 
         return self._transaction(work)
@@ -387,10 +401,10 @@ class Journal:
     def due_sends(self, limit: int = 16) -> list[Send]:
         """The sends due now."""
         with self._lock:
-            found = self._db.execute("SELECT id, sr_path, sop_instance_uid, destination, attempts FROM sends WHERE "
-                                     "state = 'pending' AND next_attempt <= ? ORDER BY id LIMIT ?",
+            found = self._db.execute("SELECT id, sr_path, sop_instance_uid, destination, attempts, objects FROM sends "
+                                     "WHERE state = 'pending' AND next_attempt <= ? ORDER BY id LIMIT ?",
                                      (time.time(), limit)).fetchall()
-        return [Send(*r) for r in found]
+        return [Send.from_row(*r) for r in found]
 
     def send_result(self, send_id: int, state: SendState, error: str | None, attempts: int) -> None:
         """Record a send's outcome (SendState says what each state means)."""

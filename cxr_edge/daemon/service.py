@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from ..errors import PERMANENT, UNEXPECTED, CxrEdgeError, ModelPackageError
+from ..heatmap_sink import every_heatmap_path
+from ..labels import LABELS
 from ..outputs import output_stem
 from ..pipeline import RunSettings
 from ..records import FindingsRecord
@@ -214,7 +216,7 @@ class Daemon:
         import numpy as np
 
         from ..backends import create_backend, select_backend
-        from ..pipeline import Pipeline
+        from ..pipeline import Pipeline, heatmaps_wanted
         from ..sinks import SRSink
         from ..workers import WorkerPool, default_workers
 
@@ -236,7 +238,8 @@ class Daemon:
             p = package.preprocess_params
             runner.infer(np.zeros((1, p.channels, p.size, p.size), np.float32))  # warm-up before the first study
             pipeline = Pipeline(package, runner, cfg.out, workers=workers, max_batch=cfg.run.batch_size,
-                                max_delay_ms=cfg.run.max_delay_ms, write_sr=cfg.run.write_sr, log_names=False)
+                                max_delay_ms=cfg.run.max_delay_ms, write_sr=cfg.run.write_sr,
+                                heatmaps=heatmaps_wanted(cfg.run.heatmaps, package, runner), log_names=False)
         except BaseException as exc:
             pool.close()
             if runner is not None:
@@ -404,9 +407,8 @@ class Daemon:
             sr_error = record.sr_error.to_json() if record.sr_error else None
             # Findings written, SR not (an invalid source UID, a header highdicom refuses): done,
             # with the reason kept in the journal for `status`, and nothing to send.
-            sr_uid = record.sr.get("sop_instance_uid")
             state = self.journal.done(row.id, processed, result.outputs, sr_error, send_to, settle=self.cfg.settle,
-                                      claimed_version=row.version, sr_uid=sr_uid)
+                                      claimed_version=row.version, objects=dicom_objects(record))
             if state != "done":
                 log.info("#%d changed while it was processed; again with the new bytes", row.id)
                 return
@@ -481,16 +483,16 @@ class Daemon:
         for row in self.journal.in_processing():
             complete = self._complete_outputs(row)
             if complete:
-                outputs, sr_error, sr_uid = complete
-                self.journal.done(row.id, None, outputs, sr_error, send_to, sr_uid=sr_uid)
+                outputs, sr_error, objects = complete
+                self.journal.done(row.id, None, outputs, sr_error, send_to, objects=objects)
                 recovered += 1
             elif row.claims >= POISON_CLAIMS:  # the daemon died every time it took this input: stop taking it
-                self._remove_orphan_sr(row)
+                self._remove_orphans(row)
                 self.journal.failed(row.id, None, f"decode: the daemon stopped {row.claims} times while processing "
                                     "this input", UNEXPECTED, None, max_attempts=1)
                 log.error("#%d failed: the daemon stopped %d times while processing it", row.id, row.claims)
             else:
-                self._remove_orphan_sr(row)
+                self._remove_orphans(row)
                 self.journal.requeue(row.id)
                 redone += 1
         return recovered, redone
@@ -499,36 +501,43 @@ class Daemon:
         stem = self.cfg.out / output_stem(PurePath(row.relative))
         return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".sr.dcm")
 
-    def _complete_outputs(self, row: Row) -> tuple[dict, dict | None, str | None] | None:
-        """(outputs, the record's sr_error, the SR's UID) when the row's outputs are complete."""
+    def _complete_outputs(self, row: Row) -> tuple[dict, dict | None, list] | None:
+        """(outputs, the record's sr_error, its DICOM objects to send) when the row's outputs
+        are complete: its JSON record, and every file the record names."""
         json_path, _ = self._outputs_of(row)
         record = FindingsRecord.read(json_path)
         if not record or not record.ok or not row.sha256 or record.input_sha256 != row.sha256:
             return None
         outputs = {"json": str(json_path)}
         if record.sr:
-            if not Path(record.sr["path"]).is_file():
-                return None
             outputs["sr"] = record.sr["path"]
-        return outputs, record.sr_error.to_json() if record.sr_error else None, record.sr.get("sop_instance_uid")
+        maps = record.heatmap_files
+        if maps:
+            outputs["heatmaps"] = maps
+        if not all(Path(path).is_file() for path in [outputs.get("sr"), *maps] if path):
+            return None
+        return outputs, record.sr_error.to_json() if record.sr_error else None, dicom_objects(record)
 
-    def _remove_orphan_sr(self, row: Row) -> None:
-        """An SR written just before the crash, without its JSON, is removed; the SR of the
-        complete outputs of an earlier version of the file (named in its JSON) is kept."""
+    def _remove_orphans(self, row: Row) -> None:
+        """The SR and heatmaps written just before the crash, without their JSON, are removed;
+        those of the complete outputs of an earlier version of the file (named in its JSON, the
+        same instance) are kept. The redo writes its own again."""
         json_path, sr_path = self._outputs_of(row)
-        if not sr_path.exists():
-            return
         record = FindingsRecord.read(json_path)
-        if record and record.ok and record.sr.get("path") == str(sr_path):
-            try:
-                import pydicom
-
-                uid = str(pydicom.dcmread(sr_path, stop_before_pixels=True).SOPInstanceUID)
-            except Exception:  # unreadable: not the complete SR the JSON names
-                uid = None
-            if uid == record.sr.get("sop_instance_uid"):
-                return
-        sr_path.unlink(missing_ok=True)
+        named = {}  # path -> the SOP Instance UID the record gives it (None: a PNG)
+        if record and record.ok:
+            named.update({path: uid for path, uid in dicom_objects(record)})
+            named.update({path: None for path in record.heatmap_files if path not in named})
+        stem = json_path.with_name(json_path.name.removesuffix(".json"))
+        candidates = [sr_path, *every_heatmap_path(stem, LABELS)]
+        for path in candidates:
+            if not path.exists():
+                continue
+            if str(path) in named:
+                uid = named[str(path)]
+                if uid is None or _sop_instance_uid(path) == uid:
+                    continue
+            path.unlink(missing_ok=True)
 
     def _release_in_flight(self) -> None:
         """On the way out nothing stays 'processing': the normal path finished every claimed
@@ -548,10 +557,11 @@ class Daemon:
             except sqlite3.Error as exc:
                 self._journal_failed(exc)
                 continue
-            for send_id, sr_path, sr_uid, destination, attempts in due:
+            for send in due:
+                send_id, destination, attempts = send.id, send.destination, send.attempts
                 if self.stopping.is_set():
                     return
-                state, problem = self._send_one(Path(sr_path), sr_uid, destination)
+                state, problem = self._send_one(send.objects, destination)
                 self.watchdog.beat("sender")
                 try:
                     self.journal.send_result(send_id, state, problem, attempts + 1)
@@ -559,32 +569,56 @@ class Daemon:
                     self._journal_failed(exc)
                     break
                 self.metrics.sr_sends.labels(result={"pending": "retry"}.get(state, state)).inc()
-                if state == "sent":
-                    log.info("SR sent to %s", destination)
+                if state == "sent" and problem:
+                    log.warning("sent to %s, in part: %s", destination, problem)
+                elif state == "sent":
+                    log.info("SR and heatmaps sent to %s (%d objects)", destination, len(send.objects))
                 elif state == "pending":
                     log.warning("SR send to %s failed (attempt %d), will retry: %s", destination, attempts + 1, problem)
                 else:
                     log.error("SR send to %s %s: %s", destination, state, problem)
 
-    def _send_one(self, sr_path: Path, sr_uid: str | None, destination: str) -> tuple[str, str | None]:
-        """(new send state, why not sent). Network and PACS trouble is retried; an SR file that
-        is gone or replaced by a newer version's SR is not (its own send carries the newer one)."""
-        import pydicom
+    def _send_one(self, objects, destination: str) -> tuple[str, str | None]:
+        """(new send state, why not sent) for one input's objects (SR first, then heatmaps), sent
+        together. Network and PACS trouble is retried; a file that is gone or replaced by a newer
+        version's is not (the newer version's own send carries it)."""
+        from .dicom_net import Peer, send_objects
 
-        from .dicom_net import Peer, send_sr
-
+        for number, (path, uid) in enumerate(objects):
+            what = "the SR" if number == 0 and str(path).endswith(".sr.dcm") else "a heatmap"
+            try:
+                found = _sop_instance_uid(Path(path), strict=True)
+            except FileNotFoundError:
+                return "failed", f"{what} file is gone"
+            except OSError as exc:
+                return "pending", f"cannot read {what} file: {exc.strerror or type(exc).__name__}"
+            except Exception as exc:  # noqa: BLE001 - not a readable DICOM file any more
+                return "failed", f"{what} file is not readable DICOM ({type(exc).__name__})"
+            if uid and found != uid:
+                return "superseded", f"a newer version of the input replaced {what}"
         try:
-            found = str(pydicom.dcmread(sr_path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-        except FileNotFoundError:
-            return "failed", "the SR file is gone"
-        except OSError as exc:
-            return "pending", f"cannot read the SR file: {exc.strerror or type(exc).__name__}"
-        except Exception as exc:  # noqa: BLE001 - not a readable DICOM file any more
-            return "failed", f"the SR file is not readable DICOM ({type(exc).__name__})"
-        if sr_uid and found != sr_uid:
-            return "superseded", "a newer version of the input replaced this SR"
-        try:
-            problem = send_sr(sr_path, Peer.parse(destination), self.cfg.calling_ae)
+            problem, refused = send_objects([Path(path) for path, _ in objects], Peer.parse(destination),
+                                            self.cfg.calling_ae)
         except Exception as exc:  # network down, PACS away: retried with backoff; paths stay out of the log
-            problem = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or 'no detail'}"
+            problem, refused = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or 'no detail'}", []
+        if problem is None and refused:  # sent, but for objects the PACS takes no SOP class of: never retried
+            return "sent", f"the PACS does not accept SOP class {', '.join(refused)}: those objects were not sent"
         return ("sent", None) if problem is None else ("pending", problem)
+
+
+def dicom_objects(record: FindingsRecord) -> list[tuple[str, str | None]]:
+    """The DICOM objects of a complete record, as the PACS gets them: the SR, then the heatmaps."""
+    objects = [(record.sr["path"], record.sr.get("sop_instance_uid"))] if record.sr.get("path") else []
+    return objects + record.heatmap_dicoms
+
+
+def _sop_instance_uid(path: Path, strict: bool = False) -> str | None:
+    """A DICOM file's SOP Instance UID; None when unreadable (with `strict`, the exception)."""
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    except Exception:
+        if strict:
+            raise
+        return None
