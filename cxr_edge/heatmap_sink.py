@@ -58,13 +58,12 @@ def draw_heatmaps(job: HeatmapJob, paths: dict) -> DrawnSet:
     pictures never cross back to the main process, which only writes the JSON record.
     `paths`: label -> (PNG path, DICOM path). On any failure what was written is removed."""
     from .heatmaps import caption_for, heat_on_display, overlay, peak, png_bytes, rgb
+    from .sr_source import SRSourceError, validated_source_header
 
     started = time.perf_counter()
     entries, written = [], []
     header, dicom_error = job.header, None
     if header is not None:  # a source no valid instance can reference (an invalid UID): PNGs only
-        from .sr_source import SRSourceError, validated_source_header
-
         try:
             validated_source_header(header)
         except SRSourceError as exc:
@@ -83,7 +82,6 @@ def draw_heatmaps(job: HeatmapJob, paths: dict) -> DrawnSet:
             if header is not None:
                 from .heatmap_dicom import build_heatmap_sc
                 from .outputs import dicom_bytes
-                from .sr_source import SRSourceError
 
                 uid = job.sop_instance_uids[finding.label]
                 try:
@@ -99,6 +97,8 @@ def draw_heatmaps(job: HeatmapJob, paths: dict) -> DrawnSet:
                     atomic_write(dicom_path, dicom_bytes(sc), sync_dir=False)
                     written.append(dicom_path)
                     entry.update(dicom=str(dicom_path), sop_instance_uid=uid)
+            if header is None:
+                dicom_path.unlink(missing_ok=True)  # an earlier run's, which the record no longer names
             entries.append(entry)
     except BaseException:
         for path in written:
