@@ -531,13 +531,16 @@ class Daemon:
         stem = json_path.with_name(json_path.name.removesuffix(".json"))
         candidates = [sr_path, *every_heatmap_path(stem, LABELS)]
         for path in candidates:
-            if not path.exists():
+            if not (path.is_file() or path.is_symlink()):  # absent, or a folder that is not ours
                 continue
             if str(path) in named:
                 uid = named[str(path)]
                 if uid is None or _sop_instance_uid(path) == uid:
                     continue
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # the redo overwrites it, or fails on it with a reason
+                log.warning("cannot remove an orphan output: %s", exc.strerror or type(exc).__name__)
 
     def _release_in_flight(self) -> None:
         """On the way out nothing stays 'processing': the normal path finished every claimed
