@@ -80,6 +80,7 @@ def main() -> int:
 
     from cxr_edge.backends import create_backend
     from cxr_edge.decode import decode_file
+    from cxr_edge.findings import calibrated_probabilities
     from cxr_edge.heatmaps import heat_on_display, peak
     from cxr_edge.manifest import ModelPackage
     from cxr_edge.preprocess import preprocess
@@ -115,7 +116,7 @@ def main() -> int:
             x0, y0 = int(x * scale), int(y * scale)
             x1, y1 = max(x0 + 1, int(np.ceil((x + bw) * scale))), max(y0 + 1, int(np.ceil((y + bh) * scale)))
             share = float(heat[y0:y1, x0:x1].sum() / heat.sum()) if heat.sum() > 0 else 0.0
-            probability = 1 / (1 + np.exp(-logits[0, index] / package.temperatures[index]))
+            probability = calibrated_probabilities(logits, package.temperatures)[0, index]
             if args.figure and probability >= package.thresholds[index] and min(h, w) >= 512:
                 panels.append(_panel(pixels, runner.last_maps[0, index], item["label"], float(probability),
                                      float(package.thresholds[index]), package, (x, y, bw, bh)))

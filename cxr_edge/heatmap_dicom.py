@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom import Dataset
@@ -47,15 +48,26 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
     return None
 
 
-def build_heatmap_sc(source: Dataset, picture: np.ndarray, label: str, probability: float, model,
+@dataclass(frozen=True)
+class SCSource:
+    """What a Secondary Capture takes from its source, validated once for all of an input's maps."""
+
+    header: Dataset  # sr_source.validated_source_header's
+    orientation: tuple[str, str] | None
+
+    @classmethod
+    def of(cls, source: Dataset) -> "SCSource":
+        """Raises SRSourceError (naming the attribute) when no valid instance can reference `source`."""
+        return cls(validated_source_header(source)[0], _orientation(source))
+
+
+def build_heatmap_sc(source: SCSource, picture: np.ndarray, label: str, probability: float, model,
                      series_instance_uid: str, sop_instance_uid: str, instance_number: int) -> Dataset:
     """The Secondary Capture of one finding's heatmap (`picture`: RGB uint8 with the caption
-    burned in). Raises SRSourceError (naming attributes, never values) when no valid instance
-    can be made from this source."""
+    burned in). Raises SRSourceError (naming attributes, never values) when highdicom refuses it."""
     import highdicom as hd
 
-    header, _ = validated_source_header(source)
-    orientation = _orientation(source)
+    header, orientation = source.header, source.orientation
     with warnings.catch_warnings():  # highdicom's warnings quote the values they check
         warnings.simplefilter("ignore")
         try:

@@ -51,23 +51,25 @@ class DrawnSet:
     paths: list  # [Path] written
     build_ms: float
     dicom_error: str | None = None  # why a DICOM input got PNGs only (a source no valid instance can reference)
+    series_instance_uid: str | None = None  # of its Secondary Captures, when it has some
 
 
 def draw_heatmaps(job: HeatmapJob, paths: dict) -> DrawnSet:
     """Draw, encode and write (atomically) every map of one input, in a worker process: the
     pictures never cross back to the main process, which only writes the JSON record.
     `paths`: label -> (PNG path, DICOM path). On any failure what was written is removed."""
+    from .heatmap_dicom import SCSource
     from .heatmaps import caption_for, heat_on_display, overlay, peak, png_bytes, rgb
-    from .sr_source import SRSourceError, validated_source_header
+    from .sr_source import SRSourceError
 
     started = time.perf_counter()
     entries, written = [], []
-    header, dicom_error = job.header, None
-    if header is not None:  # a source no valid instance can reference (an invalid UID): PNGs only
+    source, dicom_error = None, None
+    if job.header is not None:  # a source no valid instance can reference (an invalid UID): PNGs only
         try:
-            validated_source_header(header)
+            source = SCSource.of(job.header)
         except SRSourceError as exc:
-            header, dicom_error = None, f"no heatmap DICOM (PNGs only): {exc}"
+            dicom_error = f"no heatmap DICOM (PNGs only): {exc}"
     try:
         for number, finding in enumerate(job.findings, start=1):
             class_map = job.maps[finding.label]
@@ -79,16 +81,16 @@ def draw_heatmaps(job: HeatmapJob, paths: dict) -> DrawnSet:
             written.append(png_path)
             entry = {"label": finding.label, "png": str(png_path),
                      "peak": peak(class_map, job.source_shape, job.resize).to_json()}
-            if header is not None:
+            if source is not None:
                 from .heatmap_dicom import build_heatmap_sc
                 from .outputs import dicom_bytes
 
                 uid = job.sop_instance_uids[finding.label]
                 try:
-                    sc = build_heatmap_sc(header, rgb(picture), finding.label, finding.probability, job.model,
+                    sc = build_heatmap_sc(source, rgb(picture), finding.label, finding.probability, job.model,
                                           job.series_instance_uid, uid, number)
                 except SRSourceError as exc:  # content highdicom refuses: PNGs only, for all of them
-                    header, dicom_error = None, f"no heatmap DICOM (PNGs only): {exc}"
+                    source, dicom_error = None, f"no heatmap DICOM (PNGs only): {exc}"
                     for done in entries:
                         Path(done.pop("dicom")).unlink(missing_ok=True)
                         done.pop("sop_instance_uid")
@@ -97,14 +99,15 @@ def draw_heatmaps(job: HeatmapJob, paths: dict) -> DrawnSet:
                     atomic_write(dicom_path, dicom_bytes(sc), sync_dir=False)
                     written.append(dicom_path)
                     entry.update(dicom=str(dicom_path), sop_instance_uid=uid)
-            if header is None:
+            if source is None:
                 dicom_path.unlink(missing_ok=True)  # an earlier run's, which the record no longer names
             entries.append(entry)
     except BaseException:
         for path in written:
             Path(path).unlink(missing_ok=True)
         raise
-    return DrawnSet(entries, written, (time.perf_counter() - started) * 1e3, dicom_error)
+    series = job.series_instance_uid if source is not None and entries else None
+    return DrawnSet(entries, written, (time.perf_counter() - started) * 1e3, dicom_error, series)
 
 
 class HeatmapSink(Sink):
@@ -154,10 +157,10 @@ class HeatmapSink(Sink):
     def write(self, inference: Inference, work: DrawnSet | None) -> Written:
         """The maps are written by then (in a worker; here, when a crashed worker took its
         work); what is left is removing an earlier version's maps of findings no longer flagged."""
-        job = self._job(inference)
         try:
-            if work is None and job is not None:
-                work = draw_heatmaps(job, self._paths(inference, job))
+            if work is None:  # no flagged finding, or a crashed worker's work: redone here
+                job = self._job(inference)
+                work = draw_heatmaps(job, self._paths(inference, job)) if job is not None else None
             drawn = work or DrawnSet([], [], 0.0)
             self._remove_stale(inference.stem, {entry["label"] for entry in drawn.entries})
         except OSError as exc:
@@ -165,8 +168,8 @@ class HeatmapSink(Sink):
         entry = {"method": "cam", "maps": drawn.entries}
         if drawn.dicom_error:
             entry["dicom_error"] = drawn.dicom_error
-        elif job is not None and job.series_instance_uid and drawn.entries:
-            entry["series_instance_uid"] = job.series_instance_uid
+        elif drawn.series_instance_uid:
+            entry["series_instance_uid"] = drawn.series_instance_uid
         return Written(list(drawn.paths), entry, drawn.build_ms)
 
     def abandon(self, inference: Inference) -> None:

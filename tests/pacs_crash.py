@@ -78,9 +78,8 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
             attempts = db.execute("SELECT SUM(attempts) FROM sends").fetchone()[0]
         # heatmaps: every one the final records name is in Orthanc once, in its source's study
         expected, found = expected_heatmaps(workdir / "out"), heatmaps_in_orthanc()
-        scs = found
         summary = {"sources": SOURCES, "done_when_killed": killed_at.get("done", 0),
-                   "heatmaps_expected": len(expected), "heatmaps_in_orthanc": len(scs),
+                   "heatmaps_expected": len(expected), "heatmaps_in_orthanc": len(found),
                    "heatmaps_as_expected": found == expected,
                    "sent_when_killed": sent_before, "srs_in_orthanc": len(srs), "send_attempts": attempts,
                    "studies_with_one_sr": sum(1 for uid in sources if per_study.get(uid) == 1),

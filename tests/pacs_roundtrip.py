@@ -136,9 +136,8 @@ def main(workdir: Path, dicoms: list[Path]) -> int:
         while time.monotonic() < deadline and len(found) < len(expected):
             found = heatmaps_in_orthanc()
             time.sleep(0.2)
-        scs = found
         print(json.dumps({"sent": len(dicoms), "srs_in_orthanc": len(srs), "sr_studies": sorted(studies),
-                          "heatmaps_expected": len(expected), "heatmaps_in_orthanc": len(scs),
+                          "heatmaps_expected": len(expected), "heatmaps_in_orthanc": len(found),
                           "heatmaps_in_their_source_study": found == expected,
                           "source_studies": sorted(sources), "intruder_returncode": intruder.returncode,
                           "sends_failed_while_pacs_down": failed_sends,

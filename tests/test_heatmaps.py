@@ -385,3 +385,31 @@ def test_a_heatmaps_section_that_does_not_match_the_model_is_refused_at_start(tm
     assert phrase in proc.stderr
     run_cli("infer", str(SAMPLES / "nih"), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "pkg"), check_rc=0)
     assert not [p for p in (tmp_path / "out").rglob("*") if ".heatmap." in p.name]  # default: off, said in the log
+
+
+@pytest.mark.parametrize("orientation, kept", [(["P", "FL"], ["P", "FL"]), (["Q", "R"], None), (["L"], None)])
+def test_the_sources_patient_orientation_is_kept_when_well_formed(orientation, kept):
+    """An oblique orientation (`FL`) is valid DICOM that highdicom's enum refuses: it must
+    neither cost the Secondary Capture nor be guessed; a malformed one is left empty."""
+    from cxr_edge.heatmap_dicom import SCSource, build_heatmap_sc
+    from cxr_edge.sr import ModelIdentity
+
+    source = pydicom.dcmread(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm", stop_before_pixels=True)
+    source.PatientOrientation = orientation
+    sc = build_heatmap_sc(SCSource.of(source), np.zeros((8, 8, 3), np.uint8), "Mass", 0.5,
+                          ModelIdentity("m", "1", "0" * 64), "1.2.3.4", "1.2.3.5", 1)
+    assert (list(sc.PatientOrientation) if sc.PatientOrientation else None) == kept
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (1, 384), (384, 1)])
+def test_the_warning_is_drawn_above_the_image_whatever_its_shape(shape):
+    """The caption band is added above the picture (never over it) and is wide enough to read."""
+    from cxr_edge.findings import Finding
+    from cxr_edge.heatmaps import MIN_CAPTION_WIDTH, caption_for, overlay
+
+    display = np.full(shape, 200, np.uint8)
+    picture = overlay(display, np.zeros(shape, np.float32), caption_for(Finding("Mass", 0.5, 0.3), "m", "1"))
+    band = picture.shape[0] - shape[0]
+    assert band > 20 and picture.shape[1] == max(shape[1], MIN_CAPTION_WIDTH)
+    assert (picture[band:, : shape[1]] == 200).all()  # the image itself untouched
+    assert picture[:band].max() == 255  # white text in the band

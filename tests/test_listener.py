@@ -487,12 +487,12 @@ def test_a_pacs_without_secondary_capture_gets_the_sr_and_says_what_it_refused(s
     from pynetdicom import evt
     from pynetdicom.sop_class import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
-    from cxr_edge.heatmap_dicom import build_heatmap_sc
+    from cxr_edge.heatmap_dicom import SCSource, build_heatmap_sc
     from cxr_edge.sr import ModelIdentity
 
     source = pydicom.dcmread(SAMPLES / "dicom" / "rsna_cr_pa_jpeg_baseline_mono2.dcm", stop_before_pixels=True)
     capture = tmp_path / "x.heatmap.mass.dcm"
-    build_heatmap_sc(source, np.zeros((8, 8, 3), np.uint8), "Mass", 0.5, ModelIdentity("m", "1", "0" * 64),
+    build_heatmap_sc(SCSource.of(source), np.zeros((8, 8, 3), np.uint8), "Mass", 0.5, ModelIdentity("m", "1", "0" * 64),
                      "1.2.3.4", "1.2.3.5", 1).save_as(capture, enforce_file_format=True)
     stored = []
     pacs = AE(ae_title="PACS")
