@@ -180,9 +180,8 @@ def _exit_with_parent(parent: int) -> None:
 def init_worker() -> None:
     import signal
 
-    import cv2
+    from . import preprocess  # noqa: F401 - OpenCV single-threaded (see there), under spawn too
 
-    cv2.setNumThreads(1)  # parallelism comes from the process pool
     # Ctrl-C and SIGHUP reach the whole process group, but stopping and reloading are the main
     # process's business: it drains, then closes the pool. SIGTERM stays fatal, so a broken
     # pool can still terminate its workers.

@@ -12,6 +12,12 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+# OpenCV's own thread pool must never start in a process that forks (the decode workers are
+# forked, and forked again after a crash): a child forked while that pool exists hangs in its
+# first OpenCV call. Parallelism comes from the process pool; every module that uses cv2
+# imports this one first (heatmaps, prepare's workers).
+cv2.setNumThreads(1)
+
 CONTRACT_NAME = "cxr-preprocess"
 CONTRACT_VERSION = 1
 RESIZE_MODES = ("pad", "crop", "stretch")

@@ -291,6 +291,9 @@ def test_a_full_disk_pauses_the_work_and_it_resumes_when_space_returns(tmp_path,
     wait_for(lambda: daemon.states() == {"done": 5}, timeout=120, what="all done once space returned")
     assert daemon.stop() == 0
     assert len(outputs(daemon.out)) == 5 and all(r["status"] == "ok" for r in records(daemon.out))
+    # the heatmaps written on the full disk: every one the records name, nothing half-written or unnamed
+    named = {m["png"] for r in records(daemon.out) for m in r["outputs"]["heatmaps"]["maps"]}
+    assert named and {str(p) for p in daemon.out.rglob("*.heatmap.*")} == named
 
 
 def _copy_package(target: Path) -> Path:

@@ -241,3 +241,40 @@ def test_a_file_that_changes_between_hashing_and_decoding_is_read_again(package,
     monkeypatch.undo()
     again = prepare(item, package.preprocess_params, 50_000_000, confine=tmp_path)  # the writer is done
     assert again.error is None and again.size_bytes == len(data)
+
+
+FORK_AFTER_OPENCV = """
+import numpy as np
+from cxr_edge.heatmaps import heat_on_display, overlay
+from cxr_edge.manifest import ModelPackage
+from cxr_edge.sources import discover
+from cxr_edge.workers import WorkerPool, tensors_for
+import cv2
+for _ in range(10):  # what the main process does when it redraws a crashed worker's heatmaps
+    cv2.resize(np.random.rand(2000, 2000).astype(np.float32), (700, 700), interpolation=cv2.INTER_AREA)
+    overlay(np.zeros((384, 384), np.uint8), heat_on_display(np.random.rand(8, 8), (1024, 1024), (384, 384), "pad"), ["x"])
+items, _ = discover([{samples!r}])
+params = ModelPackage.load().preprocess_params
+for _ in range(5):  # the pool forks again after OpenCV ran here, as a restart after a crash does
+    with WorkerPool(2, params) as pool:
+        assert len(tensors_for(items, params, pool=pool).tensors) == len(items)
+print("forked fine")
+"""
+
+
+def test_workers_forked_after_opencv_ran_in_the_main_process_do_not_hang():
+    """A child forked while OpenCV's thread pool exists hangs in its first OpenCV call (seen in
+    CI, in the workers' start-up): the runtime keeps OpenCV single-threaded in every process."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", FORK_AFTER_OPENCV.format(samples=str(SAMPLES / "nih"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stuck workers too
+        proc.communicate()
+        pytest.fail("the worker pool hung after OpenCV ran in the main process")
+    assert proc.returncode == 0 and "forked fine" in out, err[-2000:]
