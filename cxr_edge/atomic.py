@@ -66,6 +66,18 @@ def atomic_write(path: str | Path, data: bytes | Callable[[BinaryIO], object], *
         fsync_dir(path.parent)
 
 
+def sweep_temp_files(folder: str | Path) -> int:
+    """Remove the temp files atomic_write leaves when its process is killed mid-write (`.<name>.<random>.part`
+    anywhere under `folder`); the count. Only for a folder no one else is writing to (hold its lock)."""
+    removed = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(".") and name.endswith(".part"):
+                Path(parent, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def strict_json(obj, **kwargs) -> str:
     """JSON as RFC 8259 defines it: NaN or Infinity raise ValueError instead of being written."""
     return json.dumps(obj, allow_nan=False, **kwargs)

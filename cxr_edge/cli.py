@@ -3,6 +3,7 @@ are imported inside commands to keep start-up fast; usage errors are click excep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -63,9 +64,9 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     without their SR, 2 usage or configuration error.
     """
     from . import infer_run
-    from .pipeline import RunSettings
     from .atomic import strict_json
     from .console import print_summary, progress
+    from .pipeline import RunSettings
     from .errors import CxrEdgeError
 
     _reads_dicom()
@@ -83,6 +84,80 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
         click.echo(strict_json(summary, indent=2))
     else:
         print_summary(summary, run.results)
+    sys.exit(EXIT_SOME_FAILED if run.failed or run.without_sr else EXIT_OK)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (on a cluster: shared storage every node sees at the same path).")
+@click.option("--list", "lists", multiple=True, type=click.Path(dir_okay=False),
+              help="A CSV (header row) or Parquet file with a column of paths to read; repeatable.")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Where the lists' relative paths start, and what output names are relative to "
+                   "[default: each list's folder].")
+@click.option("--path-column", default="path", show_default=True, help="The lists' column of paths.")
+@click.option("--address", default=None,
+              help="Ray cluster: auto (RAY_ADDRESS, or the one `ray start` made here), HOST:PORT or ray://HOST:PORT "
+                   "[default: start a Ray instance on this machine, stopped at the end].")
+@click.option("--cpus", type=click.IntRange(1), default=None, help="CPUs of the instance started here [default: all].")
+@click.option("--actors", type=click.IntRange(1), default=1, show_default=True,
+              help="Model replicas (Ray actors); one per GPU, or a few CPUs each.")
+@click.option("--actor-cpus", type=click.FloatRange(0.1), default=1.0, show_default=True,
+              help="CPUs each model replica reserves (its inference threads).")
+@click.option("--gpus-per-actor", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="GPU share of each model replica (1 with --backend tensorrt on GPU nodes).")
+@click.option("--block-rows", type=click.IntRange(1), default=32, show_default=True,
+              help="Inputs per decode task: the unit Ray schedules and retries.")
+@opt.model
+@opt.backend
+@opt.precision
+@opt.batch_size
+@opt.no_sr
+@opt.min_side
+@opt.heatmaps
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable run summary on stdout.")
+def backfill(inputs, out_dir, lists, root, path_column, address, cpus, actors, actor_cpus, gpus_per_actor,
+             block_rows, model_dir, backend, precision, batch_size, no_sr, min_side, heatmaps, as_json):
+    """Read an archive on a Ray cluster: the stages of `infer` on Ray Data, resumable.
+
+    INPUTS (files and folders, as for `infer`) and the rows of --list files are decoded by Ray
+    CPU tasks, inferred by a pool of model replicas (Ray actors) and written by CPU tasks: the
+    same per-input JSON, SR and heatmaps as `infer`, plus OUT/findings.parquet, one row per
+    input. An input whose complete outputs already exist for the same bytes and model is
+    hashed, not decoded again, so a run stopped for any reason is finished by running it again.
+    Needs the ray extra (pip install 'cxr-edge[ray]') on every node.
+    Exit status: 0 every input succeeded with all its outputs, 1 some failed or got findings
+    without their SR, 2 usage or configuration error.
+    """
+    from . import backfill as bf
+    from .atomic import strict_json
+    from .console import print_backfill, progress
+    from .errors import CxrEdgeError
+    from .pipeline import RunSettings
+
+    if not inputs and not lists:
+        raise UsageFailure("give INPUTS (files or folders), --list FILE, or both")
+    _reads_dicom()
+    out = Path(out_dir)
+    settings = RunSettings(model_dir, backend, precision, batch_size, write_sr=not no_sr, min_side=min_side,
+                           heatmaps=heatmaps)
+    cluster = bf.ClusterSettings(address, cpus, actors, actor_cpus, gpus_per_actor, block_rows)
+    verbose = logging.getLogger("cxr_edge").getEffectiveLevel() <= logging.DEBUG
+    try:
+        items, skipped, package, selection = bf.plan(list(inputs), list(lists), root, path_column, out, settings)
+        # Ray Data draws its own progress bars on a terminal; elsewhere, a log line every tenth. Ray
+        # prints its cluster's news (a worker that died) on stdout: stderr's, stdout is the summary's
+        with progress(len(items), "backfill", bar=False) as on_result, contextlib.redirect_stdout(sys.stderr):
+            run = bf.run(items, skipped, package, selection, out, settings, cluster,
+                         on_rows=lambda n: [on_result(None) for _ in range(n)], verbose=verbose)
+    except CxrEdgeError as exc:
+        raise UsageFailure(exc) from None
+    summary = run.summary()
+    if as_json:
+        click.echo(strict_json(summary, indent=2))
+    else:
+        print_backfill(summary, run.failures())
     sys.exit(EXIT_SOME_FAILED if run.failed or run.without_sr else EXIT_OK)
 
 

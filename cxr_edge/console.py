@@ -67,9 +67,9 @@ def print_build(report: dict) -> None:
 
 
 @contextlib.contextmanager
-def progress(total: int):
-    """A progress bar on a terminal (log lines every tenth otherwise); yields on_result(result)."""
-    if not sys.stderr.isatty():
+def progress(total: int, label: str = "infer", bar: bool = True):
+    """A progress bar on a terminal (log lines every tenth otherwise, or without `bar`); yields on_result(result)."""
+    if not (bar and sys.stderr.isatty()):
         step, done = max(1, total // 10), [0]
 
         def on_result(result) -> None:
@@ -82,10 +82,10 @@ def progress(total: int):
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = (TextColumn("[bold]infer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("infer", total=total)
-        yield lambda _: bar.advance(task)
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as display:
+        task = display.add_task(label, total=total)
+        yield lambda _: display.advance(task)
 
 
 def print_summary(summary: dict, results) -> None:
@@ -109,6 +109,29 @@ def print_summary(summary: dict, results) -> None:
             errors.add_column(column, overflow="fold")
         for r, error in problems:
             errors.add_row(r.item.relative.as_posix(), error.stage, error.reason)
+        console.print(errors)
+
+
+def print_backfill(summary: dict, failures: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    table = Table(title="cxr-edge backfill", show_header=False)
+    for key in ("inputs", "processed", "already_done", "succeeded", "succeeded_without_sr", "failed", "skipped",
+                "seconds", "images_per_second"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    cluster = summary["cluster"]
+    table.add_row("cluster", f"{cluster['nodes']} node(s), {cluster['cpus']:g} CPUs, {cluster['gpus']:g} GPUs, "
+                             f"{cluster['actors']} model replica(s) ({cluster['backend']} {cluster['precision']})")
+    table.add_row("findings table", summary["findings_table"])
+    console.print(table)
+    if failures:
+        errors = Table(title=f"failed inputs ({len(failures)}; all in the findings table)")
+        for column in ("input", "stage", "reason"):
+            errors.add_column(column, overflow="fold")
+        for row in failures[:50]:
+            errors.add_row(row["relative_path"], row["error_stage"], row["error_reason"])
         console.print(errors)
 
 

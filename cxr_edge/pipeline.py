@@ -110,19 +110,12 @@ class Pipeline:
         self.package, self.runner, self.out_dir = package, runner, Path(out_dir)
         self.workers = workers or default_workers()
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1e3
-        self.log_names = log_names  # the daemon logs journal ids instead: file names may carry patient data
-        self.labels, self.points, self.temperatures = package.labels, package.operating_points, package.temperatures
-        self.model_info = package.describe(runner.artifact_sha256)
-        self.backend_info = runner.describe()
-        if sinks is None:
-            sinks = [SRSink(self.model_info)] if write_sr else []
-            if heatmaps:  # heatmaps_wanted() said the package and the runner have class maps
-                sinks.append(HeatmapSink(self.model_info, self.labels, package.preprocess_params.resize))
-        self.sinks = sinks
+        self.writer = OutputWriter(package, package.describe(runner.artifact_sha256), runner.describe(), out_dir,
+                                   write_sr=write_sr, heatmaps=heatmaps, sinks=sinks, log_names=log_names)
+        self.model_info, self.backend_info, self.sinks = self.writer.model_info, self.writer.backend_info, self.writer.sinks
         # a heatmap sink needs the class maps (the runner fetches them with the logits) and a
         # small copy of each image (the workers keep one)
-        self.heatmaps = any(isinstance(sink, HeatmapSink) for sink in self.sinks) and package.heatmap_spec is not None
-        self.records = RecordWriter()
+        self.heatmaps = self.writer.heatmaps
 
     def run(self, items: list[InputItem], on_result=None, pool: WorkerPool | None = None,
             heartbeat=None) -> list[Result]:
@@ -160,7 +153,7 @@ class Pipeline:
                     heartbeat()
                 if prepared is not None:
                     if prepared.error:
-                        emit(self._error(prepared, **prepared.error))
+                        emit(self.writer.error(prepared, **prepared.error))
                     else:
                         ready.append((prepared, time.perf_counter()))
                 while len(ready) >= self.max_batch or (ready and time.perf_counter() - ready[0][1] >= self.max_delay):
@@ -180,34 +173,23 @@ class Pipeline:
         return results
 
     # --- stages ---------------------------------------------------------------------------------
-    def _stem(self, prepared: Prepared) -> Path:
-        from .outputs import output_stem
-
-        return self.out_dir / output_stem(prepared.item.relative)
-
     def _run_batch(self, batch: list[tuple[Prepared, float]], pool: WorkerPool, waiting: list[_Waiting]) -> list[Result]:
         """Infer one batch and start its inputs' sinks; inputs with no sink work are written now."""
-        from .findings import calibrated_probabilities, findings_for_row
-
         started = time.perf_counter()
         try:
             logits = self.runner.infer(np.stack([p.tensor for p, _ in batch]))
         except Exception as exc:  # the runner failing is reported per input, not fatal to the run
             log.error("inference failed for a batch of %d: %s", len(batch), exc)
-            return [self._error(p, "inference", f"{type(exc).__name__}: {exc}", UNEXPECTED) for p, _ in batch]
+            return [self.writer.error(p, "inference", f"{type(exc).__name__}: {exc}", UNEXPECTED) for p, _ in batch]
         inferred = time.perf_counter()
         maps = self.runner.last_maps
         split = self.runner.last_timings.split() if self.runner.last_timings else {}
-        probabilities = calibrated_probabilities(logits, self.temperatures)
-        # A probability outside [0, 1] or NaN is not a result (and not valid JSON): that input fails.
-        sane = np.isfinite(probabilities).all(axis=1) & (probabilities >= 0).all(axis=1) & (probabilities <= 1).all(axis=1)
-        rows = [findings_for_row(self.labels, row, self.points) if ok else None for row, ok in zip(probabilities, sane)]
+        rows = self.writer.findings_rows(logits)
         postprocess_ms = (time.perf_counter() - inferred) * 1e3
         results = []
         for row, ((prepared, arrived), findings) in enumerate(zip(batch, rows)):
             if findings is None:
-                results.append(self._error(prepared, "inference", "the model produced non-finite probabilities "
-                                                                  "(NaN or infinity) for this image"))
+                results.append(self.writer.error(prepared, *NON_FINITE))
                 continue
             # batch stages are the batch's times: each of its inputs waits for all of it
             timings = dict(prepared.timings_ms)
@@ -216,14 +198,14 @@ class Pipeline:
             timings.update(split)
             timings["postprocess"] = postprocess_ms
             timings["batch_size"] = len(batch)
-            inference = Inference(prepared, findings, timings, self._stem(prepared),
+            inference = Inference(prepared, findings, timings, self.writer.stem(prepared),
                                   maps[row] if maps is not None else None)
             started_work = {sink.name: future for sink in self.sinks if sink.accepts(inference)
                             for future in [sink.start(inference, pool)] if future is not None}
             if started_work:
                 waiting.append(_Waiting(inference, started_work))
             else:
-                results.append(self._write(inference, {}))
+                results.append(self.writer.write(inference, {}))
         return results
 
     def _finish(self, waiting: list[_Waiting], block: bool) -> list[Result]:
@@ -233,9 +215,46 @@ class Pipeline:
         done = [w for w in waiting if all(f.done() for f in w.started.values())]
         for w in done:
             waiting.remove(w)
-        return [self._write(w.inference, w.started) for w in done]
+        return [self.writer.write(w.inference, w.started) for w in done]
 
-    def _write(self, inference: Inference, started: dict[str, Future]) -> Result:
+
+# A probability outside [0, 1] or NaN is not a result (and not valid JSON): that input fails.
+NON_FINITE = ("inference", "the model produced non-finite probabilities (NaN or infinity) for this image")
+
+
+class OutputWriter:
+    """From the model's logits to the files of one input: calibrated findings, every sink's
+    output, the JSON record last (or an error record). What `Pipeline` and the Ray backfill
+    (backfill.py) share, so that both write the same records."""
+
+    def __init__(self, package, model_info: dict, backend_info: dict, out_dir: Path, *, write_sr: bool = True,
+                 heatmaps: bool = False, sinks: list[Sink] | None = None, log_names: bool = True):
+        self.out_dir = Path(out_dir)
+        self.labels, self.points, self.temperatures = package.labels, package.operating_points, package.temperatures
+        self.model_info, self.backend_info = model_info, backend_info
+        self.log_names = log_names  # the daemon logs journal ids instead: file names may carry patient data
+        if sinks is None:
+            sinks = [SRSink(self.model_info)] if write_sr else []
+            if heatmaps:  # heatmaps_wanted() said the package and the runner have class maps
+                sinks.append(HeatmapSink(self.model_info, self.labels, package.preprocess_params.resize))
+        self.sinks = sinks
+        self.heatmaps = any(isinstance(sink, HeatmapSink) for sink in self.sinks) and package.heatmap_spec is not None
+        self.records = RecordWriter()
+
+    def stem(self, prepared: Prepared) -> Path:
+        from .outputs import output_stem
+
+        return self.out_dir / output_stem(prepared.item.relative)
+
+    def findings_rows(self, logits: np.ndarray) -> list:
+        """Each row's findings (in label order), or None where its probabilities are not sane."""
+        from .findings import calibrated_probabilities, findings_for_row
+
+        probabilities = calibrated_probabilities(logits, self.temperatures)
+        sane = np.isfinite(probabilities).all(axis=1) & (probabilities >= 0).all(axis=1) & (probabilities <= 1).all(axis=1)
+        return [findings_for_row(self.labels, row, self.points) if ok else None for row, ok in zip(probabilities, sane)]
+
+    def write(self, inference: Inference, started: dict[str, Future]) -> Result:
         """Write every sink's output, then the JSON record (last: its presence marks a complete
         set of outputs). The findings never depend on a sink: when one cannot make its output,
         the JSON is written all the same and records why (`<sink>_error`); when one fails in a
@@ -251,15 +270,15 @@ class Pipeline:
             if not sink.accepts(inference):
                 continue
             try:
-                output = sink.write(inference, self._work_of(sink, started))
+                output = sink.write(inference, self.work_of(sink, started))
             except Exception as exc:  # its own failure, or a bug: costs its output, never the findings or the run
                 failure = sink.failure(exc)
                 if failure.kind != PERMANENT:
                     _remove(written)
                     for later in self.sinks[index + 1 :]:  # work already done in the workers (heatmaps on disk)
                         if later.name in started:
-                            later.discard(self._work_of(later, started, quiet=True))
-                    return self._error(prepared, "write", failure.reason, failure.kind)
+                            later.discard(self.work_of(later, started, quiet=True))
+                    return self.error(prepared, "write", failure.reason, failure.kind)
                 record.output_errors[sink.name] = StageError(sink.name, failure.reason)
                 try:
                     sink.abandon(inference)
@@ -283,13 +302,13 @@ class Pipeline:
             _remove(written)  # no half set of outputs: all or nothing
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             kind = os_error_kind(exc) if isinstance(exc, OSError) else UNEXPECTED
-            return self._error(prepared, "write", f"cannot write outputs: {reason}", kind)
+            return self.error(prepared, "write", f"cannot write outputs: {reason}", kind)
         # one file: its path (the SR); several: the list (heatmaps)
         outputs = {"json": str(json_path), **{name: paths[0] if name == "sr" else paths for name, paths in files.items()}}
         return Result(prepared.item, Status.OK, record, outputs)
 
     @staticmethod
-    def _work_of(sink: Sink, started: dict[str, Future], quiet: bool = False):
+    def work_of(sink: Sink, started: dict[str, Future], quiet: bool = False):
         """The sink's finished work (what it raised, raised here; with `quiet`, None); None when
         a crashed worker took it (the sink redoes it here)."""
         future = started.get(sink.name)
@@ -306,12 +325,12 @@ class Pipeline:
                 return None
             raise
 
-    def _error(self, prepared: Prepared, stage: str, reason: str, kind: str = PERMANENT) -> Result:
+    def error(self, prepared: Prepared, stage: str, reason: str, kind: str = PERMANENT) -> Result:
         record = error_record(prepared, stage, reason, self.model_info, self.backend_info, kind)
         if self.log_names:
             log.warning("%s: %s failed: %s", prepared.item.relative.as_posix(), stage, reason)
         outputs = {}
-        stem = self._stem(prepared)
+        stem = self.stem(prepared)
         try:
             outputs["json"] = str(self.records.write(stem, record.to_json()))
         except OSError as exc:

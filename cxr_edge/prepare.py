@@ -38,6 +38,7 @@ class Prepared:
     display: np.ndarray | None = None  # uint8 (h, w), the image shrunk for heatmaps (asked for only)
     source_shape: tuple[int, int] | None = None  # the decoded image's (rows, columns)
     error: dict | None = None  # {"stage", "reason", "kind"} (kinds: cxr_edge.errors)
+    earlier: object | None = None  # the record an earlier run left for the same bytes (not decoded again)
 
 
 def file_identity(info: os.stat_result) -> tuple[int, ...]:
@@ -112,10 +113,12 @@ def display_image(pixels: np.ndarray, side: int) -> np.ndarray:
 
 
 def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine: Path | None = None,
-            display_side: int = 0) -> Prepared:
+            display_side: int = 0, earlier=None) -> Prepared:
     """Hash, decode, preprocess one input. With `confine` (the service's inbox) symbolic links
     are not followed and the file must lie inside it; with `display_side`, a small copy of the
-    image is kept for heatmaps."""
+    image is kept for heatmaps. With `earlier` (a resumed backfill), `earlier(item, sha256)` is
+    asked once the bytes are hashed: what it returns (the record of complete outputs an earlier
+    run made from the same bytes) goes to `Prepared.earlier`, and the input is not decoded."""
     from .decode import decode_file, require_regular_file
     from .preprocess import preprocess
 
@@ -126,6 +129,10 @@ def prepare(item: InputItem, params, max_pixels: int, min_side: int = 0, confine
             confined_regular_file(item.path, confine)
         require_regular_file(item.path)  # before hashing: a FIFO would block the worker for ever
         prepared.sha256, prepared.size_bytes, identity = file_sha256(item.path, follow_symlinks=confine is None)
+        if earlier is not None:
+            prepared.earlier = earlier(item, prepared.sha256)
+            if prepared.earlier is not None:
+                return prepared
         decoded = decode_file(item.path, max_pixels=max_pixels, min_side=min_side)
         require_unchanged(item.path, identity, follow_symlinks=confine is None)
         t1 = time.perf_counter()

@@ -76,12 +76,18 @@ def discover(inputs: list[str | Path]) -> tuple[list[InputItem], list[Path]]:
             pairs = [(file, PurePath(top, *file.relative_to(path).parts)) for file in found]
         else:
             pairs = [(path, PurePath(top))]
-        for file, relative in pairs:
-            unique, n = relative, 0
-            while output_stem(unique) in stems:
-                digest = name_hash(file.as_posix() + (f"\n{n}" if n else ""))
-                unique = relative.with_name(_tagged(relative.name, digest))
-                n += 1
-            stems.add(output_stem(unique))
-            items.append(InputItem(file, unique))
+        items.extend(unique_items(pairs, stems))
     return items, skipped
+
+
+def unique_items(pairs, stems: set[PurePath]):
+    """InputItems for (file, relative) pairs whose output stems are unique among `stems` (updated):
+    one that would meet a stem taken gets the hash of its absolute path on its file name."""
+    for file, relative in pairs:
+        unique, n = relative, 0
+        while output_stem(unique) in stems:
+            digest = name_hash(file.as_posix() + (f"\n{n}" if n else ""))
+            unique = relative.with_name(_tagged(relative.name, digest))
+            n += 1
+        stems.add(output_stem(unique))
+        yield InputItem(file, unique)

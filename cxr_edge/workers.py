@@ -37,15 +37,17 @@ class WorkerPool:
     """
 
     def __init__(self, workers: int, params, max_pixels: int | None = None, min_side: int | None = None,
-                 confine: Path | None = None, display_side: int = 0):
+                 confine: Path | None = None, display_side: int = 0, earlier=None, start_method: str | None = None):
         from .limits import DEFAULT_MAX_PIXELS, MIN_SIDE
 
         self.workers, self.params, self.max_pixels = workers, params, max_pixels or DEFAULT_MAX_PIXELS
         self.min_side = MIN_SIDE if min_side is None else min_side
         self.confine = confine  # the service's inbox: no symbolic links, nothing outside it
         self.display_side = display_side  # > 0: keep a small copy of each image for heatmaps
+        self.earlier = earlier  # prepare(earlier=): a resumed backfill's check for complete outputs
         # fork before any backend threads exist is safe and fast; fall back where unavailable
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        # (a process that has threads already, a Ray worker, asks for spawn)
+        method = start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         self._context = multiprocessing.get_context(method)
         self._executor = self._new_executor()
 
@@ -63,7 +65,8 @@ class WorkerPool:
         return executor
 
     def submit_prepare(self, item: InputItem) -> Future:
-        return self.submit(prepare, item, self.params, self.max_pixels, self.min_side, self.confine, self.display_side)
+        return self.submit(prepare, item, self.params, self.max_pixels, self.min_side, self.confine, self.display_side,
+                           self.earlier)
 
     def submit(self, fn, *args) -> Future:
         """Run fn(*args) in a worker (picklable function and arguments)."""

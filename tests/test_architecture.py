@@ -19,10 +19,10 @@ LAYERS = [
                "cxr_edge.manifest", "cxr_edge.calibration", "cxr_edge.backends*",
                "cxr_edge.records", "cxr_edge.sr_source", "cxr_edge.sr_codes", "cxr_edge.sr_highdicom",
                "cxr_edge.dicom_splice", "cxr_edge.sr_template", "cxr_edge.sr", "cxr_edge.heatmaps",
-               "cxr_edge.heatmap_dicom"]),
-    ("stages", ["cxr_edge.workers", "cxr_edge.sinks", "cxr_edge.heatmap_sink"]),
+               "cxr_edge.heatmap_dicom", "cxr_edge.findings_table", "cxr_edge.path_lists"]),
+    ("stages", ["cxr_edge.workers", "cxr_edge.sinks", "cxr_edge.heatmap_sink", "cxr_edge.resume"]),
     ("pipeline", ["cxr_edge.pipeline", "cxr_edge.labeled"]),
-    ("applications", ["cxr_edge.infer_run", "cxr_edge.recalibrate", "cxr_edge.daemon*", "cxr_edge.bench*",
+    ("applications", ["cxr_edge.infer_run", "cxr_edge.backfill", "cxr_edge.recalibrate", "cxr_edge.daemon*", "cxr_edge.bench*",
                       "cxr_edge.engines*"]),
     ("interfaces", ["cxr_edge.cli_options", "cxr_edge.console", "cxr_edge.cli", "cxr_edge.__main__",
                     "cxr_edge.train*"]),
@@ -90,6 +90,22 @@ def test_the_runtime_never_imports_torch_or_the_training_package():
             continue
         for target in _imports(name, path):
             if target.split(".")[0] in TORCH or target.startswith(("cxr_edge.train", "train")):
+                offending.append(f"{name} imports {target}")
+    assert not offending, "\n".join(offending)
+
+
+def test_only_the_backfill_imports_ray():
+    """`infer`, `watch` and `bench` never pay for Ray (DESIGN.md: optional runners and engines are
+    imported when asked for); the table and path lists use pyarrow, which the ray extra brings."""
+    offending = []
+    for name, path in MODULES.items():
+        for target in _imports(name, path):
+            top = target.split(".")[0]
+            if top == "ray" and name != "cxr_edge.backfill":
+                offending.append(f"{name} imports {target}")
+            if top == "pyarrow" and name not in ("cxr_edge.backfill", "cxr_edge.findings_table", "cxr_edge.path_lists"):
+                offending.append(f"{name} imports {target}")
+            if target == "cxr_edge.backfill" and name != "cxr_edge.cli":
                 offending.append(f"{name} imports {target}")
     assert not offending, "\n".join(offending)
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
+from ..atomic import sweep_temp_files
 from ..errors import PERMANENT, UNEXPECTED, CxrEdgeError, ModelPackageError
 from ..heatmap_sink import every_heatmap_path
 from ..labels import LABELS
@@ -463,12 +464,7 @@ class Daemon:
     # --- crash recovery -------------------------------------------------------------------------
     def _recover(self, listener_leftovers: int = 0) -> None:
         """After a crash: no temp files, and every input caught mid-flight either done or redone."""
-        removed = 0
-        for folder, _, files in os.walk(self.cfg.out):
-            for name in files:
-                if name.startswith(".") and name.endswith(".part"):  # atomic_write's temp files
-                    Path(folder, name).unlink(missing_ok=True)
-                    removed += 1
+        removed = sweep_temp_files(self.cfg.out)
         recovered, redone = self._recover_in_flight()
         if removed or recovered or redone or listener_leftovers:
             log.warning("recovered from an unclean stop: %d temp files removed (%d of the listener), %d inputs had "

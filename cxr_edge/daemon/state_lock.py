@@ -20,7 +20,13 @@ LOCK_NAME = "daemon.lock"
 def lock_state_dir(state_dir: Path, wait: float = 5.0) -> int:
     """The locked file descriptor (keep it open). Waits `wait` seconds for a previous daemon's
     decode workers, which share its lock until they notice their parent died, then fails."""
-    path = state_dir / LOCK_NAME
+    return lock_folder(state_dir, LOCK_NAME, "another cxr-edge watch", "one daemon per state folder", wait)
+
+
+def lock_folder(folder: Path, name: str, holder: str, rule: str, wait: float = 5.0) -> int:
+    """An exclusive flock on folder/name, the holder's pid written in it; the open descriptor.
+    Fails with a CxrEdgeError naming `holder` (who else has it) and `rule` after `wait` seconds."""
+    path = folder / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + wait
     while True:
@@ -29,10 +35,9 @@ def lock_state_dir(state_dir: Path, wait: float = 5.0) -> int:
             break
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise CxrEdgeError(f"another cxr-edge watch (pid {holder}) is running with the state folder "
-                                   f"{state_dir}; one daemon per state folder") from None
+                raise CxrEdgeError(f"{holder} (pid {pid}) is running with {folder}; {rule}") from None
             time.sleep(0.1)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
