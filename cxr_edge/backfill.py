@@ -120,16 +120,27 @@ def read_and_prepare(batch: dict, context: StageContext) -> dict:
     return {"prepared": _objects(prepared), "tensor": tensors.astype(np.float32, copy=False), "ready": ready}
 
 
+def _same_package(context: StageContext):
+    """The model package as this node has it, which must be the driver's: the records name the
+    driver's model, so a node with another version (an older install) stops the run, saying why."""
+    from .manifest import ModelPackage
+
+    package = ModelPackage.load(context.model_dir)
+    if package.describe(package.artifact(context.artifact).sha256) != context.completed.model:
+        raise CxrEdgeError(f"this node's model package ({package.name} {package.version} at {package.root}) is not "
+                           "the driver's: install the same cxr-edge and model package on every node")
+    return package
+
+
 class ModelStage:
     """One model replica (a Ray actor): the runner `infer` would use, loaded once."""
 
     def __init__(self, context: StageContext):
         from .backends import create_backend
-        from .manifest import ModelPackage
         from .pipeline import heatmaps_wanted
 
         _worker_setup()
-        package = ModelPackage.load(context.model_dir)
+        package = _same_package(context)
         self.labels = len(package.labels)
         self.runner = create_backend(package, context.backend, context.precision, context.artifact,
                                      threads=context.threads)
@@ -170,12 +181,11 @@ _writers: dict = {}  # per worker process: (out, backend) -> OutputWriter (the S
 
 
 def _writer(context: StageContext, backend: str):
-    from .manifest import ModelPackage
     from .pipeline import OutputWriter
 
     key = (str(context.out_dir), context.model_dir, context.artifact, context.write_sr, context.heatmaps, backend)
     if key not in _writers:
-        package = ModelPackage.load(context.model_dir)
+        package = _same_package(context)
         # file names may carry patient data, and Ray keeps worker logs on every node: the driver names failures
         _writers[key] = OutputWriter(package, context.completed.model, json.loads(backend), context.out_dir,
                                      write_sr=context.write_sr, heatmaps=context.heatmaps, log_names=False)

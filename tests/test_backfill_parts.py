@@ -119,3 +119,20 @@ def test_the_findings_table_keeps_one_row_per_input(tmp_path):
     assert rows[1]["from_earlier_run"] is True  # the last one seen
     assert rows[1]["No Finding"] == record.no_finding.as_dict()["probability"]
     assert rows[1]["sop_instance_uid"] == record.dicom["sop_instance_uid"]
+
+
+def test_a_node_with_another_model_package_is_refused(tmp_path):
+    """The records name the driver's model: a node whose package differs (an older install) stops the run."""
+    from cxr_edge.backfill import StageContext, _same_package
+    from cxr_edge.manifest import ModelPackage
+
+    package = ModelPackage.load()
+    model = package.describe(package.artifact("fp32").sha256)
+
+    def context(model: dict) -> StageContext:
+        return StageContext(tmp_path, None, "onnxruntime", "fp32", "fp32", package.preprocess_params, 1, 1, 0, True,
+                            False, 1, CompletedOutputs(tmp_path, model, True, False))
+
+    assert _same_package(context(model)).version == package.version
+    with pytest.raises(CxrEdgeError, match="is not the driver's"):
+        _same_package(context({**model, "version": "0.0.1"}))
