@@ -283,8 +283,7 @@ class BackfillRun:
 
 def plan(inputs: list[str], lists: list[str], root: str | None, column: str, out: Path, settings: RunSettings):
     """(items, skipped, package, selection) for the command line's inputs and path lists."""
-    from .backends import select_backend
-    from .manifest import ModelPackage
+    from .infer_run import model_and_output
     from .outputs import output_stem
     from .path_lists import items_from_lists
     from .sources import discover
@@ -294,12 +293,7 @@ def plan(inputs: list[str], lists: list[str], root: str | None, column: str, out
     items += listed
     if not items:
         raise CxrEdgeError("no inputs (looked for DICOM, PNG and JPEG files, and the rows of the path lists)")
-    package = ModelPackage.load(settings.model_dir)
-    selection = select_backend(package, settings.backend, settings.precision)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CxrEdgeError(f"cannot create output folder {out}: {exc.strerror or type(exc).__name__}") from exc
+    package, selection = model_and_output(out, settings)
     return items, len(skipped) + left_out, package, selection
 
 

@@ -59,22 +59,30 @@ class InferRun:
 
 def plan(inputs: list[str], out: Path, settings: RunSettings):
     """(items, skipped, package, selection), or CxrEdgeError for a usage or configuration problem."""
-    from .backends import select_backend
-    from .manifest import ModelPackage
     from .sources import discover
 
     items, skipped = discover(list(inputs))
     if not items:
         raise CxrEdgeError("no input files found (looked for DICOM, PNG and JPEG files)")
+    package, selection = model_and_output(out, settings)
+    for path in skipped:
+        log.debug("skipped (not an image by its name): %s", path)
+    return items, skipped, package, selection
+
+
+def model_and_output(out: Path, settings: RunSettings):
+    """(package, selection) for the settings, and the output folder made (what `infer` and
+    `backfill` check before any work), or CxrEdgeError."""
+    from .backends import select_backend
+    from .manifest import ModelPackage
+
     package = ModelPackage.load(settings.model_dir)
     selection = select_backend(package, settings.backend, settings.precision)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CxrEdgeError(f"cannot create output folder {out}: {exc.strerror or type(exc).__name__}") from exc
-    for path in skipped:
-        log.debug("skipped (not an image by its name): %s", path)
-    return items, skipped, package, selection
+    return package, selection
 
 
 def run(items, skipped, package, selection, out: Path, settings: RunSettings, on_result=None) -> InferRun:
