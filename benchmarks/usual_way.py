@@ -15,44 +15,12 @@ from pathlib import Path
 import numpy as np
 
 
-def timm_state_dict_from_onnx(model_bytes: bytes) -> dict:
-    """timm parameters from a torch-exported ONNX graph.
-
-    The exporter keeps parameter names, except Linear weights on 3-D inputs: those become a
-    transposed constant feeding a MatMul whose output is added to the (still named) bias."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load_from_string(model_bytes).graph
-    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    # class_maps/*: what engines.class_maps added for heatmaps, not a timm parameter
-    state = {name: value for name, value in arrays.items() if not name.startswith(("onnx::", "class_maps/"))}
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in arrays or not node.input[1].startswith("onnx::"):
-            continue
-        for add in consumers.get(node.output[0], []):
-            bias = next((i for i in add.input if i.endswith(".bias") and i in arrays), None) if add.op_type == "Add" else None
-            if bias:
-                state[bias[: -len(".bias")] + ".weight"] = arrays[node.input[1]].T
-    return state
-
-
 def load_model(package):
-    """The package's timm architecture with the package's own weights, in eval mode."""
-    import timm
-    import torch
+    """The package's timm architecture with the package's own weights (read strictly out of its
+    ONNX, as the torch backend does), in eval mode."""
+    from cxr_edge.backends.torch_model import timm_model
 
-    arch = package.section("architecture")
-    model = timm.create_model(arch["timm_name"], pretrained=False, img_size=arch["img_size"],
-                              in_chans=arch["in_chans"], num_classes=arch["num_classes"],
-                              **arch.get("timm_kwargs", {}))  # e.g. global_pool="avg", as it was trained
-    state = timm_state_dict_from_onnx(package.read_verified("fp32"))
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
-    return model.eval()
+    return timm_model(package.section("architecture"), package.read_verified("fp32"), str(package.root))
 
 
 def run_usual_way(package, images: list[Path], out_dir: Path) -> dict:

@@ -65,6 +65,7 @@ class StageContext:
     heatmaps: bool
     threads: int
     completed: object  # resume.CompletedOutputs
+    max_batch: int = 8  # the model stage's batch (a torch runner captures CUDA graphs up to it)
 
 
 # --- the stages (run in Ray workers) ------------------------------------------------------------
@@ -143,7 +144,7 @@ class ModelStage:
         package = _same_package(context)
         self.labels = len(package.labels)
         self.runner = create_backend(package, context.backend, context.precision, context.artifact,
-                                     threads=context.threads)
+                                     threads=context.threads, max_batch=context.max_batch)
         self.runner.activate()
         self.maps = None
         if context.heatmaps:
@@ -367,7 +368,7 @@ def run(items, skipped: int, package, selection, out: Path, settings: RunSetting
                            package.preprocess_params, DEFAULT_MAX_PIXELS,
                            MIN_SIDE if settings.min_side is None else settings.min_side,
                            DISPLAY_SIDE if heatmaps else 0, settings.write_sr, heatmaps, threads,
-                           CompletedOutputs(out, model, settings.write_sr, heatmaps))
+                           CompletedOutputs(out, model, settings.write_sr, heatmaps), settings.batch_size)
     lock = lock_folder(out, LOCK_NAME, "another cxr-edge backfill", "one backfill per output folder")
     try:
         removed = sweep_temp_files(out)  # a worker killed mid-write (SIGKILL, a lost node) left these

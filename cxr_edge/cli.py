@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from . import cli_options as opt
+from .bench import SHAPES
 from .cli_options import EXIT_OK, EXIT_SOME_FAILED, UsageFailure
 
 log = logging.getLogger("cxr_edge")
@@ -173,7 +174,7 @@ def backfill(inputs, out_dir, lists, root, path_column, address, cpus, actors, a
               help="Operating point per finding: specificity:T | sensitivity:T | f1 | youden | prevalence "
                    "(a class with too few positives or negatives for it gets the prevalence-matched point).")
 @click.option("--version", "new_version", default=None, help="Version of the new package (default: <old>+site.<date>).")
-@click.option("--precision", type=click.Choice(opt.PRECISIONS), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(opt.ARTIFACT_PRECISIONS), default="fp32", show_default=True,
               help="Artifact whose logits are calibrated.")
 @opt.batch_size
 @opt.workers
@@ -404,10 +405,14 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @opt.model
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt"]),
-              help="Repeat for several [default: both; one that cannot run here is listed as skipped].")
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default=None,
+              help="Instead of --model, a production-size model with random weights (built once with torch + "
+                   "timm, then cached): its timings, not its findings, are the point.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+              help="Repeat for several [default: all three; one that cannot run here is listed as skipped; torch "
+                   "is a CUDA row unless named, when it also runs FP32 on CPU].")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(opt.PRECISIONS),
-              help="Repeat for several [default: all the package has].")
+              help="Repeat for several [default: all the package has; torch: fp32, fp16, bf16].")
 @click.option("--batch-sizes", default="1,8", show_default=True, callback=_int_list, help="Model stage batch sizes.")
 @click.option("--mode", type=click.Choice(["all", "model", "e2e"]), default="all", show_default=True,
               help="model: the model stage alone; e2e: the whole pipeline over INPUTS; all: both.")
@@ -426,7 +431,7 @@ def _int_list(ctx, param, value: str) -> tuple[int, ...]:
               help="Warn when the coefficient of variation is above this.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the report as JSON to this file ('-': stdout, no tables).")
-def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, iterations, duration, e2e_batch_size,
+def bench(inputs, model_dir, shape, backends, precisions, batch_sizes, mode, warmup, iterations, duration, e2e_batch_size,
           passes, workers, threads, no_sr, heatmaps, cv_threshold, json_path):
     """Latency percentiles, throughput and a per-stage split, like trtexec, on real INPUTS.
 
@@ -448,9 +453,17 @@ def bench(inputs, model_dir, backends, precisions, batch_sizes, mode, warmup, it
         items, _ = discover(list(inputs))
         if not items:
             raise UsageFailure("no input files found (looked for DICOM, PNG and JPEG files)")
-        package = ModelPackage.load(model_dir)
-        settings = Settings(backends=backends or ("onnxruntime", "tensorrt"),
-                            precisions=precisions or tuple(p for p in opt.PRECISIONS if p in package.precisions()),
+        if shape and model_dir:
+            raise UsageFailure("--shape and --model name two models: give one")
+        if shape:
+            from .bench.shapes import shape_package
+
+            log.info("model: the %s shape (random weights; built on first use, then cached)", shape)
+            package = shape_package(shape)
+        else:
+            package = ModelPackage.load(model_dir)
+        settings = Settings(backends=backends or ("onnxruntime", "tensorrt", "torch"), precisions=precisions or None,
+                            torch_on_cpu="torch" in backends,
                             batch_sizes=batch_sizes, warmup=warmup, iterations=iterations, duration=duration, mode=mode,
                             e2e_batch_size=e2e_batch_size, workers=workers, threads=threads, passes=passes,
                             write_sr=not no_sr, heatmaps=heatmaps, cv_threshold=cv_threshold)

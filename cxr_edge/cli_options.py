@@ -7,7 +7,9 @@ import click
 from .limits import MIN_SIDE
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-PRECISIONS = ("fp32", "fp16", "int8")
+# what a command runs in (bf16: the torch backend on CUDA), and what an artifact is built in
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+ARTIFACT_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def one_line(message) -> str:
@@ -35,10 +37,13 @@ def compose(*decorators):
 
 model = click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
                      help="Model package folder (default: the bundled demo model).")
-backend = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
-                       show_default=True, help="auto: a matching TensorRT engine on a GPU, else ONNX Runtime on CPU.")
+backend = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto",
+                       show_default=True,
+                       help="auto: a matching TensorRT engine on a GPU, else torch on a CUDA GPU (the gpu-torch "
+                            "extra), else ONNX Runtime on CPU. torch without CUDA runs FP32 on CPU, saying why.")
 precision = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                         help="Which built artifact to run (fp16/int8 come from `cxr-edge build-engine`).")
+                         help="onnxruntime/tensorrt: which built artifact to run (fp16/int8 come from `cxr-edge "
+                              "build-engine`); torch: what it computes in on CUDA (fp32, fp16, bf16).")
 batch_size = click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 256),
                           help="Max batch size.")
 max_delay = click.option("--max-delay-ms", default=20.0, show_default=True, type=click.FloatRange(0),

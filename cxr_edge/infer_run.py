@@ -97,7 +97,7 @@ def run(items, skipped, package, selection, out: Path, settings: RunSettings, on
     # The worker processes are forked before the runner starts its threads.
     with WorkerPool(workers, package.preprocess_params, min_side=settings.min_side) as pool:
         runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
-                                threads=settings.threads)
+                                threads=settings.threads, max_batch=settings.batch_size)
         try:
             runner.activate()
         except CxrEdgeError:

@@ -28,6 +28,9 @@ LAYERS = [
                     "cxr_edge.train*"]),
 ]
 TORCH = ("torch", "torchvision", "timm", "safetensors")
+# The optional torch runner and the bench's production shapes (the gpu-torch extra): imported only
+# when asked for (`--backend torch`, `bench --shape`), and they import torch inside functions.
+TORCH_OPTIONAL = {"cxr_edge.backends.torch_runner", "cxr_edge.backends.torch_model", "cxr_edge.bench.shapes"}
 
 
 def _modules() -> dict[str, Path]:
@@ -61,6 +64,35 @@ def _imports(name: str, path: Path) -> set[str]:
     return found
 
 
+def _imported_at_load(name: str, path: Path) -> set[str]:
+    """What importing `name` imports at once: imports outside function bodies."""
+    class Visitor(ast.NodeVisitor):
+        def __init__(self):
+            self.found = set()
+
+        def visit_FunctionDef(self, node):  # runs later, if ever
+            pass
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+        def visit_Import(self, node):
+            self.found.update(alias.name for alias in node.names)
+
+        def visit_ImportFrom(self, node):
+            package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            self.found.add(target)
+            self.found.update(f"{target}.{alias.name}" for alias in node.names)
+
+    visitor = Visitor()
+    visitor.visit(ast.parse(path.read_text()))
+    return visitor.found
+
+
 def _layer(module: str) -> int:
     for rank, (_, patterns) in enumerate(LAYERS):
         for pattern in patterns:
@@ -89,8 +121,13 @@ def test_the_runtime_never_imports_torch_or_the_training_package():
         if name.startswith("cxr_edge.train"):
             continue
         for target in _imports(name, path):
-            if target.split(".")[0] in TORCH or target.startswith(("cxr_edge.train", "train")):
+            if target.startswith(("cxr_edge.train", "train")):
                 offending.append(f"{name} imports {target}")
+            elif target.split(".")[0] in TORCH and name not in TORCH_OPTIONAL:
+                offending.append(f"{name} imports {target}")
+        for target in _imported_at_load(name, path):  # the optional modules: nothing loads them, or torch, at import
+            if target in TORCH_OPTIONAL or (name in TORCH_OPTIONAL and target.split(".")[0] in TORCH):
+                offending.append(f"{name} imports {target} when it is imported")
     assert not offending, "\n".join(offending)
 
 
@@ -138,3 +175,17 @@ def test_the_rules_fail_on_an_upward_import(tmp_path):
     bad.write_text("from .pipeline import Pipeline\n")
     assert "cxr_edge.pipeline" in _imports("cxr_edge.errors", bad)
     assert _layer("cxr_edge.pipeline") > _layer("cxr_edge.errors")
+
+
+def test_the_rules_fail_on_torch_imported_at_load(tmp_path):
+    """The checker itself: an optional module importing torch at the top, or a runtime module
+    importing the torch runner at the top, is caught; inside a function it is not."""
+    top = tmp_path / "shapes.py"
+    top.write_text("import torch\n")
+    assert "torch" in _imported_at_load("cxr_edge.bench.shapes", top)
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("def f():\n    from .torch_runner import cuda_problem\n    import torch\n")
+    assert _imported_at_load("cxr_edge.backends.x", lazy) == set()
+    eager = tmp_path / "eager.py"
+    eager.write_text("from .torch_runner import cuda_problem\n")
+    assert "cxr_edge.backends.torch_runner" in _imported_at_load("cxr_edge.backends.x", eager)

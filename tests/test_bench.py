@@ -3,7 +3,9 @@ known FLOPs, latency statistics, and the usual-way baseline loading the package'
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -81,6 +83,70 @@ def test_tiny_run_report_has_every_field(tmp_path):
 
     skipped = {(s["backend"], s["precision"]): s["reason"] for s in report["skipped"]}
     assert "no fp32 tensorrt artifact" in skipped[("tensorrt", "fp32")]
+    if not glob.glob("/dev/nvidia[0-9]*"):  # by default torch is a GPU row: skipped, saying how to run it on CPU
+        assert "no NVIDIA GPU device" in skipped[("torch", "fp32")] and "--backend torch" in skipped[("torch", "fp32")]
+
+
+@pytest.mark.slow
+def test_torch_rows_run_on_cpu_when_named(tmp_path):
+    pytest.importorskip("timm", reason="the torch backend (gpu-torch or train extra)")
+    import torch
+
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge", "bench", str(SAMPLES / "nih"), "--backend", "torch",
+                           "--mode", "model", "--batch-sizes", "2", "--warmup", "1", "--iterations", "2", "--json", "-"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    skipped = {(s["backend"], s["precision"]): s["reason"] for s in report["skipped"]}
+    if torch.cuda.is_available():
+        assert {(r["precision"], r["backend_details"]["device"]) for r in report["model_stage"]} == \
+            {("fp32", "cuda"), ("fp16", "cuda"), ("bf16", "cuda")}
+        assert all(r["stages_ms"]["h2d"] and r["stages_ms"]["d2h"] for r in report["model_stage"])
+        return
+    [run] = report["model_stage"]
+    assert (run["backend"], run["precision"], run["artifact"], run["batch_size"]) == ("torch", "fp32", "fp32", 2)
+    assert run["backend_details"]["device"] == "cpu" and "CUDA is not available" in run["backend_details"]["fallback"]
+    assert run["efficiency"]["fraction_of_gemm"] > 0  # on CPU the GEMM reference applies
+    assert "FP16 runs on CUDA only" in skipped[("torch", "fp16")] and "BF16 runs on CUDA only" in skipped[("torch", "bf16")]
+
+
+@pytest.mark.slow
+def test_a_production_shape_is_built_once_and_runs_on_both_runners(tmp_path):
+    pytest.importorskip("timm", reason="building a shape needs torch + timm + onnx (gpu-torch or train extra)")
+    from cxr_edge.backends import create_backend
+    from cxr_edge.bench import Shape
+    from cxr_edge.bench.shapes import build_shape
+
+    shape = Shape("vit_tiny_patch16_224", 64, "a tiny stand-in for the test")
+    package = build_shape("tiny", shape, tmp_path)
+    assert package.architecture_name == "vit_tiny_patch16_224" and package.preprocess_params.size == 64
+    assert package.heatmap_spec.grid == (4, 4) and package.to_manifest()["description"].startswith("RANDOM WEIGHTS")
+    manifest = package.root / "manifest.json"
+    built = manifest.stat().st_mtime_ns
+    assert build_shape("tiny", shape, tmp_path).root == package.root and manifest.stat().st_mtime_ns == built  # cached
+    assert [p.name for p in tmp_path.iterdir()] == [package.root.name]  # no staging folder left
+    x = np.random.default_rng(0).normal(0, 1, (3, 1, 64, 64)).astype(np.float32)
+    with create_backend(package, "onnxruntime") as ort_runner:
+        expected = ort_runner.infer(x)
+    with create_backend(package, "torch", device="cpu") as torch_runner:
+        assert np.abs(torch_runner.infer(x) - expected).max() < 1e-4  # every random weight found by name
+
+
+@pytest.mark.slow
+def test_bench_shape_from_the_command_line(tmp_path):
+    pytest.importorskip("timm", reason="building a shape needs torch + timm + onnx (gpu-torch or train extra)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    both = subprocess.run([sys.executable, "-m", "cxr_edge", "bench", str(SAMPLES / "nih"), "--shape", "vit-s16-224",
+                           "--model", str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert both.returncode == 2 and "--shape and --model" in both.stderr
+    proc = subprocess.run([sys.executable, "-m", "cxr_edge", "bench", str(SAMPLES / "nih"), "--shape", "vit-s16-224",
+                           "--backend", "onnxruntime", "--mode", "model", "--batch-sizes", "1", "--warmup", "0",
+                           "--iterations", "2", "--json", "-"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["model"]["name"] == "bench-vit-s16-224" and report["model"]["input_shape"] == [1, 224, 224]
+    assert 8 < report["model"]["gflops_per_image"] < 10  # ViT-S/16 at 224 px: about 9.2 GFLOP
+    assert list((tmp_path / "cache" / "cxr-edge" / "shapes").iterdir())  # kept for the next run
 
 
 def test_flops_are_counted_on_real_shapes(tmp_path):

@@ -31,7 +31,8 @@ def bench_end_to_end(package, config: Config, items, *, pool, batch_size: int, w
     from ..backends import create_backend
     from ..pipeline import Pipeline, heatmaps_wanted
 
-    runner = create_backend(package, config.backend, config.precision, config.artifact, threads=threads)
+    runner = create_backend(package, config.backend, config.precision, config.artifact, threads=threads,
+                            max_batch=batch_size)
     records, elapsed, failed, pass_rates = [], 0.0, 0, []
     without_seconds, maps = 0.0, 0
     with runner, tempfile.TemporaryDirectory(prefix="cxr-edge-bench-") as out:
@@ -71,7 +72,8 @@ def bench_end_to_end(package, config: Config, items, *, pool, batch_size: int, w
     slowest = min(rates, key=rates.get) if rates else None
     # On a CPU every stage draws on the same cores, so they cannot all run at their isolated
     # rates at once: with perfect overlap the best possible is 1 / sum(1 / rate).
-    shared_bound = 1 / sum(1 / v for v in rates.values()) if rates and config.backend == "onnxruntime" else None
+    on_cpu = config.backend == "onnxruntime" or described.get("device") == "cpu"  # torch without CUDA
+    shared_bound = 1 / sum(1 / v for v in rates.values()) if rates and on_cpu else None
     return {
         "mode": "end_to_end",
         "backend": config.backend, "precision": config.precision, "artifact": config.artifact,
@@ -88,7 +90,7 @@ def bench_end_to_end(package, config: Config, items, *, pool, batch_size: int, w
         "pipeline_efficiency": round(throughput / rates[slowest], 3) if slowest else None,
         "shared_cpu_bound_img_s": round(shared_bound, 2) if shared_bound else None,
         "overlap_efficiency": round(throughput / shared_bound, 3) if shared_bound else None,
-        "efficiency": efficiency(throughput, gflops_per_image, gemm_gflop_s),
+        "efficiency": efficiency(throughput, gflops_per_image, gemm_gflop_s if on_cpu else None),
         "heatmap_cost": heatmap_cost(with_maps, elapsed, without_seconds, maps, len(records)),
         # latency varies by design here (queueing, batching): stability is judged across passes
         "warnings": [w for w in [instability_warning("throughput across passes", summarize(pass_rates), cv_threshold)] if w],

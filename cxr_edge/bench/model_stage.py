@@ -19,16 +19,21 @@ class Config:
     skipped: str | None = None
 
 
-def configs(package, backends, precisions) -> list[Config]:
+def configs(package, backends, precisions, torch_on_cpu: bool = False) -> list[Config]:
     """Every artifact that can run here, plus a skipped entry (with the reason) for each
-    backend x precision that cannot, so the report says why a row is missing."""
-    from ..backends import RUNS_FORMAT
+    backend x precision that cannot, so the report says why a row is missing. `precisions`:
+    None for each backend's own (the package's artifacts; torch: FP32, FP16, BF16). torch runs
+    on CPU only when `torch_on_cpu` (asked for by name): by default it is a GPU row."""
+    from ..backends import RUNS_FORMAT, TORCH_PRECISIONS
     from ..backends.stamp import machine_facts, stamp_problem
 
     facts = machine_facts() if "tensorrt" in backends else None
     found = []
     for backend in backends:
-        for precision in precisions:
+        if backend == "torch":
+            found.extend(torch_configs(package, precisions or TORCH_PRECISIONS, torch_on_cpu))
+            continue
+        for precision in precisions or sorted(package.precisions(), key=_precision_order):
             fmt = RUNS_FORMAT[backend]
             artifacts = package.artifacts(precision=precision, format=fmt)
             if not artifacts:
@@ -38,6 +43,36 @@ def configs(package, backends, precisions) -> list[Config]:
             for artifact in artifacts:
                 problem = stamp_problem(artifact.stamp, facts) if backend == "tensorrt" else None
                 found.append(Config(backend, precision, artifact.key if problem is None else None, problem))
+    return found
+
+
+def _precision_order(precision: str):
+    from ..backends import PRECISIONS
+
+    return (PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS), precision)
+
+
+def torch_configs(package, precisions, on_cpu: bool) -> list[Config]:
+    from ..backends import TORCH_PRECISIONS, torch_weights_artifact
+    from ..backends.torch_runner import cuda_problem, missing_modules
+    from ..errors import ModelPackageError
+
+    try:
+        weights = torch_weights_artifact(package).key
+    except ModelPackageError as exc:
+        return [Config("torch", precision, None, str(exc)) for precision in precisions]
+    problem = cuda_problem(device_node_first=not on_cpu)  # None: CUDA is there
+    found = []
+    for precision in precisions:
+        if precision not in TORCH_PRECISIONS:
+            found.append(Config("torch", precision, None, "the torch backend has no INT8 (onnxruntime and tensorrt have)"))
+        elif problem is None or (on_cpu and precision == "fp32" and not missing_modules()):
+            found.append(Config("torch", precision, weights))
+        elif on_cpu and not missing_modules():
+            found.append(Config("torch", precision, None, f"{precision.upper()} runs on CUDA only: {problem}"))
+        else:
+            found.append(Config("torch", precision, None, problem + ("" if missing_modules() else
+                                                                     "; `--backend torch` runs FP32 on CPU")))
     return found
 
 
@@ -54,7 +89,7 @@ def bench_model(package, config: Config, batch_size: int, tensors: np.ndarray, *
 
     batch = np.stack([tensors[i % len(tensors)] for i in range(batch_size)])  # real images, repeated
     runner = create_backend(package, config.backend, config.precision, config.artifact, threads=threads,
-                            **runner_options(config.backend))
+                            max_batch=batch_size, **runner_options(config.backend))
     latencies, split = [], {"h2d": [], "compute": [], "d2h": []}
     with runner:
         for _ in range(warmup):
@@ -70,6 +105,8 @@ def bench_model(package, config: Config, batch_size: int, tensors: np.ndarray, *
                 split[stage].append(timed.get(stage))
         elapsed = time.perf_counter() - started
         described = runner.describe()
+    if described.get("device") == "cuda":
+        gemm_gflop_s = None  # the reference is a CPU GEMM
     throughput = batch_size * len(latencies) / elapsed
     latency = summarize(latencies)
     result = {

@@ -16,8 +16,9 @@ from .model_stage import bench_model, configs
 
 @dataclass
 class Settings:
-    backends: tuple[str, ...] = ("onnxruntime", "tensorrt")
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    backends: tuple[str, ...] = ("onnxruntime", "tensorrt", "torch")
+    precisions: tuple[str, ...] | None = None  # None: each backend's own (model_stage.configs)
+    torch_on_cpu: bool = False  # torch asked for by name: run it on CPU too, where there is no CUDA
     batch_sizes: tuple[int, ...] = (1, 8)
     warmup: int = 5
     iterations: int = 30
@@ -71,8 +72,8 @@ def _run_bench(package, items, settings: Settings, progress, pool, workers: int)
     gemm = gemm_rate()
     per_image = flops["gflops_per_image"]
 
-    def cpu_gemm(config):  # the reference is a CPU GEMM: meaningless for a GPU backend
-        return gemm["gflop_s"] if config.backend == "onnxruntime" else None
+    def cpu_gemm(config):  # the reference is a CPU GEMM: meaningless for a GPU (bench_model drops it for torch on CUDA)
+        return gemm["gflop_s"] if config.backend != "tensorrt" else None
 
     report = {
         "schema": SCHEMA,
@@ -85,7 +86,7 @@ def _run_bench(package, items, settings: Settings, progress, pool, workers: int)
         "model_stage": [], "end_to_end": [], "skipped": [],
     }
     runnable = []
-    for config in configs(package, settings.backends, settings.precisions):
+    for config in configs(package, settings.backends, settings.precisions, settings.torch_on_cpu):
         if config.artifact is None:
             report["skipped"].append({"backend": config.backend, "precision": config.precision, "reason": config.skipped})
         else:

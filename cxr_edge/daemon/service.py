@@ -234,7 +234,7 @@ class Daemon:
         runner = None
         try:
             runner = create_backend(package, selection.backend, selection.precision, selection.artifact,
-                                    threads=cfg.run.threads)
+                                    threads=cfg.run.threads, max_batch=cfg.run.batch_size)
             runner.activate()
             p = package.preprocess_params
             runner.infer(np.zeros((1, p.channels, p.size, p.size), np.float32))  # warm-up before the first study
