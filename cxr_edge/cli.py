@@ -65,7 +65,6 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
     without their SR, 2 usage or configuration error.
     """
     from . import infer_run
-    from .atomic import strict_json
     from .console import print_summary, progress
     from .pipeline import RunSettings
     from .errors import CxrEdgeError
@@ -80,12 +79,7 @@ def infer(inputs, out_dir, model_dir, backend, precision, batch_size, max_delay_
             run = infer_run.run(items, skipped, package, selection, out, settings, on_result)
     except CxrEdgeError as exc:
         raise UsageFailure(exc) from None
-    summary = run.summary()
-    if as_json:
-        click.echo(strict_json(summary, indent=2))
-    else:
-        print_summary(summary, run.results)
-    sys.exit(EXIT_SOME_FAILED if run.failed or run.without_sr else EXIT_OK)
+    _report_and_exit(run, as_json, lambda summary: print_summary(summary, run.results))
 
 
 @main.command()
@@ -132,7 +126,6 @@ def backfill(inputs, out_dir, lists, root, path_column, address, cpus, actors, a
     without their SR, 2 usage or configuration error.
     """
     from . import backfill as bf
-    from .atomic import strict_json
     from .console import print_backfill, progress
     from .errors import CxrEdgeError
     from .pipeline import RunSettings
@@ -154,11 +147,19 @@ def backfill(inputs, out_dir, lists, root, path_column, address, cpus, actors, a
                          on_rows=lambda n: [on_result(None) for _ in range(n)], verbose=verbose)
     except CxrEdgeError as exc:
         raise UsageFailure(exc) from None
+    _report_and_exit(run, as_json, lambda summary: print_backfill(summary, run.failures()))
+
+
+def _report_and_exit(run, as_json: bool, print_tables) -> None:
+    """A run's summary (JSON on stdout, or tables), then the exit status infer and backfill share:
+    1 when an input failed or got its findings without its SR."""
+    from .atomic import strict_json
+
     summary = run.summary()
     if as_json:
         click.echo(strict_json(summary, indent=2))
     else:
-        print_backfill(summary, run.failures())
+        print_tables(summary)
     sys.exit(EXIT_SOME_FAILED if run.failed or run.without_sr else EXIT_OK)
 
 

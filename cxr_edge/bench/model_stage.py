@@ -62,17 +62,18 @@ def torch_configs(package, precisions, on_cpu: bool) -> list[Config]:
     except ModelPackageError as exc:
         return [Config("torch", precision, None, str(exc)) for precision in precisions]
     problem = cuda_problem(device_node_first=not on_cpu)  # None: CUDA is there
+    installed = not missing_modules()
     found = []
     for precision in precisions:
         if precision not in TORCH_PRECISIONS:
             found.append(Config("torch", precision, None, "the torch backend has no INT8 (onnxruntime and tensorrt have)"))
-        elif problem is None or (on_cpu and precision == "fp32" and not missing_modules()):
+        elif problem is None or (on_cpu and precision == "fp32" and installed):
             found.append(Config("torch", precision, weights))
-        elif on_cpu and not missing_modules():
+        elif on_cpu and installed:
             found.append(Config("torch", precision, None, f"{precision.upper()} runs on CUDA only: {problem}"))
         else:
-            found.append(Config("torch", precision, None, problem + ("" if missing_modules() else
-                                                                     "; `--backend torch` runs FP32 on CPU")))
+            found.append(Config("torch", precision, None,
+                                problem + ("; `--backend torch` runs FP32 on CPU" if installed else "")))
     return found
 
 
